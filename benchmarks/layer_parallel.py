@@ -7,8 +7,9 @@ axes) with the gradients of two models sharded FSDP + tensor-parallel style
 (last axis over "model", the one before over "data", where they divide).
 For each pytree and polar method it reports, as ratios layers / replicated:
 
-* decompositions per device (SVD / eigh calls in the jaxpr, scans and the
-  shard_map body unrolled to per-device counts), and their flops with the
+* decompositions on the busiest device (SVD / eigh calls in the jaxpr, with
+  `optax_ortho.testing.decompositions_per_device`: scans multiplied out, the
+  most expensive branch of the per-device switch), and their flops with the
   textbook counts (thin SVD 6mn^2 + 20n^3, symmetric eigh 9n^3);
 * flops per device from XLA's cost analysis of the compiled, partitioned
   program (it sees matrix products, so it is the measure for Newton-Schulz;
@@ -34,7 +35,6 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-import jax.extend.core as jax_core  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
@@ -64,30 +64,6 @@ def spec_for(shape, mesh):
   return P(*spec)
 
 
-def decomposition_flops(closed_jaxpr):
-  """(decompositions, textbook flops) per device, from the jaxpr."""
-  totals = [0, 0.0]
-
-  def walk(jaxpr, mult):
-    for eqn in jaxpr.eqns:
-      name = eqn.primitive.name
-      if name in ("svd", "eigh"):
-        shape = eqn.invars[0].aval.shape
-        k = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
-        m, n = max(shape[-2:]), min(shape[-2:])
-        flops = 6 * m * n * n + 20 * n**3 if name == "svd" else 9 * n**3
-        totals[0] += mult * k
-        totals[1] += mult * k * flops
-      inner = mult * (eqn.params["length"] if name == "scan" else 1)
-      for v in eqn.params.values():
-        for sub in v if isinstance(v, tuple) else (v,):
-          if isinstance(sub, (jax_core.Jaxpr, jax_core.ClosedJaxpr)):
-            walk(getattr(sub, "jaxpr", sub), inner)
-
-  walk(closed_jaxpr.jaxpr, 1)
-  return totals
-
-
 def xla_flops(compiled):
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -105,7 +81,7 @@ def bench(tree_name, method, rounds, mesh):
   for parallel in ("replicated", "layers"):
     tx = optax_ortho.orthonormalize(method, parallel=parallel)
     fn = jax.jit(lambda g, tx=tx: tx.update(g, None)[0])
-    count, flops = decomposition_flops(jax.make_jaxpr(fn)(grads))
+    count, flops = testing.decompositions_per_device(jax.make_jaxpr(fn)(grads))
     compiled = fn.lower(grads).compile()
     t0 = time.perf_counter()
     jax.block_until_ready(fn(grads))

@@ -2,7 +2,7 @@
 
     python examples/train_sharded.py                          # 8 virtual CPU devices
     python examples/train_sharded.py --method gradient_norm_penalty
-    python examples/train_sharded.py --polar newton_schulz --parallel layers --hidden 64
+    python examples/train_sharded.py --polar newton_schulz --parallel replicated
     python examples/train_sharded.py --axis-types auto --mesh 4 2
 
 The same script runs unchanged on a TPU pod slice or a multi-GPU host: there
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--polar", default="svd",
                       choices=["svd", "gram", "auto", "newton_schulz", "polar_express"],
                       help="polar method of --method orthonormalize")
-  parser.add_argument("--parallel", default="replicated", choices=["replicated", "layers"],
+  parser.add_argument("--parallel", default="layers", choices=["replicated", "layers"],
                       help="orthonormalize: replicate every polar factor, or"
                       " compute each once on one device")
   parser.add_argument("--mesh", type=int, nargs=2, default=None,

@@ -1,28 +1,32 @@
 """Layer-parallel polar factors: each matrix decomposed once, on one device.
 
 In the replicated mode every device computes every polar factor. Here the
-matrices of a group (a ``(k, m, n)`` stack of same-shaped gradient matrices)
-are padded with zero matrices to a multiple of the number of devices ``D``,
-the stack's leading axis is sharded over every axis of the mesh, and a
-``jax.shard_map`` computes each device's ``ceil(k / D)`` matrices locally;
-the results are gathered back (replicated) and the caller restores each
-leaf's sharding. This is the "assign whole matrices to devices" scheme of
-distributed Muon and Dion. Each device does ``sum_g ceil(k_g / D)``
-decompositions instead of ``sum_g k_g``.
+matrices of all groups (``(k, m, n)`` stacks of same-shaped gradient
+matrices) are scheduled onto the devices of the mesh at trace time, largest
+first onto the least loaded device (LPT), weighted by the cost of a thin
+SVD. Inside one ``jax.shard_map`` each device runs the branch of a
+``lax.switch`` that decomposes only its own matrices, writes them into
+zero stacks of the groups' shapes, and a ``psum`` over the mesh assembles
+the replicated results; the caller restores each leaf's sharding. This is the
+"assign whole matrices to devices" scheme of distributed Muon and Dion, with
+the groups balanced against each other: a model whose groups each hold one
+matrix still spreads over the devices, and no device decomposes padding.
 
 Only jax's sharding API moves data: ``jax.sharding.reshard`` on meshes with
 Explicit axes, ``jax.lax.with_sharding_constraint`` on Auto ones, and
-``jax.shard_map``. A zero matrix has a zero polar factor in every method, so
-the padding never leaks into the results.
+``jax.shard_map``. Every slot of a result is written by exactly one device
+and is zero on the others, so the sum is exact and a NaN stays in its matrix.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from optax_ortho._src import polar as polar_lib
@@ -85,6 +89,37 @@ def devices_for(leaves: Sequence[jax.Array], mesh: Mesh | None) -> int:
   return math.prod(mesh.shape[a] for a in _free_axes(mesh))
 
 
+def matrix_cost(m: int, n: int) -> int:
+  """Textbook flops of a thin SVD of an m x n matrix, m >= n: the LPT weight."""
+  return 6 * m * n * n + 20 * n**3
+
+
+def schedule(
+    shapes: Sequence[tuple[int, int, int]], devices: int
+) -> list[dict[int, tuple[int, ...]]]:
+  """Assigns every matrix of the ``(k, m, n)`` groups to one device.
+
+  Longest processing time first: matrices in decreasing cost, each onto the
+  device with the least work so far (ties to the lower index). Within a
+  group of ``k`` equal matrices this is round robin, ``ceil(k / D)`` at
+  most per device; across groups the loads stay within one matrix of even.
+
+  Returns, per device, ``{group: indices}`` of the matrices it decomposes.
+  """
+  items = sorted(
+      ((g, i) for g, (k, _, _) in enumerate(shapes) for i in range(k)),
+      key=lambda gi: -matrix_cost(*shapes[gi[0]][1:]),
+  )
+  loads = [(0, d) for d in range(devices)]
+  heapq.heapify(loads)
+  owned: list[dict[int, list[int]]] = [{} for _ in range(devices)]
+  for g, i in items:
+    load, d = heapq.heappop(loads)
+    owned[d].setdefault(g, []).append(i)
+    heapq.heappush(loads, (load + matrix_cost(*shapes[g][1:]), d))
+  return [{g: tuple(sorted(i)) for g, i in sorted(o.items())} for o in owned]
+
+
 def polar_groups(
     stacks: Sequence[jax.Array],
     method: str,
@@ -107,43 +142,78 @@ def polar_groups(
       else the mesh of the stacks' Explicit sharding.
   """
 
-  def polar_all(blocks):
-    return [
-        polar_lib.polar_stack(b, method, eps=eps, ns_steps=ns_steps)
-        for b in blocks
-    ]
+  def polar(a):
+    return polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps)
 
   mesh = _mesh_of(stacks, mesh)
   axes = () if mesh is None else _free_axes(mesh)
   devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in axes)
   if devices == 1 or not stacks:
-    return polar_all(stacks)
+    return [polar(a) for a in stacks]
 
-  spread = PartitionSpec(axes)
-  per_device = [-(-a.shape[0] // devices) for a in stacks]
+  plan = schedule([a.shape for a in stacks], devices)
+  # How each group's results travel back. A device's block holds the most
+  # matrices any device got of that group; all-gathering the blocks moves
+  # about the group's bytes when it spreads evenly. A group with fewer
+  # matrices than devices would gather mostly padding: there a psum of
+  # zero-filled stacks (each slot written by one device) moves fewer bytes.
+  block = [max(len(own.get(g, ())) for own in plan)
+           for g in range(len(stacks))]
+  gathered = [devices * b < 2 * a.shape[0] for b, a in zip(block, stacks)]
 
-  def own_blocks(full):
-    # Every device holds every (replicated) stack and keeps only its block:
-    # padding and slicing happen locally, so the only communication is the
-    # gather of the results.
-    me = jax.lax.axis_index(axes)
-    blocks = []
-    for a, s in zip(full, per_device):
-      pad = s * devices - a.shape[0]
-      if pad:
-        a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
-      blocks.append(jax.lax.dynamic_slice_in_dim(a, me * s, s))
-    return polar_all(blocks)
+  def make_branch(own):
+    def branch(full):
+      out = []
+      for g, a in enumerate(full):
+        rows = np.asarray(own.get(g, ()), np.int32)
+        if gathered[g]:
+          buf = jnp.zeros((block[g],) + a.shape[1:], a.dtype)
+          if rows.size:
+            buf = buf.at[: rows.size].set(polar(a[rows]))
+        elif rows.size == a.shape[0]:  # this device holds the whole group
+          buf = polar(a)
+        else:
+          buf = jnp.zeros_like(a)
+          if rows.size:
+            buf = buf.at[rows].set(polar(a[rows]))
+        out.append(buf)
+      return out
+
+    return branch
+
+  # Devices with the same work (e.g. the idle ones) share one branch.
+  branches_of: dict[tuple, int] = {}
+  for own in plan:
+    branches_of.setdefault(tuple(own.items()), len(branches_of))
+  branch_table = np.array([branches_of[tuple(o.items())] for o in plan])
+  branches = [make_branch(dict(own)) for own in branches_of]
+
+  # Row of matrix i of a gathered group in the all-gather: device d's block
+  # starts at d * block.
+  where = [np.zeros(a.shape[0], np.int32) for a in stacks]
+  for d, own in enumerate(plan):
+    for g, idx in own.items():
+      where[g][list(idx)] = d * block[g] + np.arange(len(idx))
+
+  def own_matrices(full):
+    # Every device holds every (replicated) stack and selects its matrices
+    # locally: the only communication is bringing the results back.
+    me = jnp.asarray(branch_table)[jax.lax.axis_index(axes)]
+    if len(branches) > 1:
+      out = jax.lax.switch(me, branches, full)
+    else:
+      out = branches[0](full)
+    return [
+        jax.lax.all_gather(q, axes, tiled=True, to="invarying")[where[g]]
+        if gathered[g] else jax.lax.psum(q, axes)
+        for g, q in enumerate(out)
+    ]
 
   replicated = [_constrain(a, mesh, PartitionSpec()) for a in stacks]
-  out = jax.shard_map(
-      own_blocks,
+  return jax.shard_map(
+      own_matrices,
       mesh=mesh,
       in_specs=([PartitionSpec()] * len(stacks),),
-      out_specs=[spread] * len(stacks),
+      out_specs=[PartitionSpec()] * len(stacks),
       axis_names=frozenset(axes),
   )(replicated)
-  return [
-      _constrain(q, mesh, PartitionSpec())[: a.shape[0]]
-      for q, a in zip(out, stacks)
-  ]

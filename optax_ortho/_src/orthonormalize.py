@@ -56,13 +56,11 @@ def orthonormalize(
       ``max(rows, cols) * finfo(float32).eps``.
     ns_steps: iterations of ``"newton_schulz"`` and ``"polar_express"``.
     parallel: ``"replicated"``: every device computes every polar factor.
-      ``"layers"``: on a mesh, the matrices of each shape group are split
-      over all devices, each factor is computed once on one device and
-      gathered back (see ``docs/tpu_pods.md``); same numbers, about ``1/D``
-      of the decompositions per device. Without a mesh it is the replicated
-      mode. Experimental: on 8 virtual CPU devices an MLP whose shape groups
-      hold one matrix each ran about 90x slower per step than replicated
-      (cause not yet found; see ``benchmarks/RESULTS.md``).
+      ``"layers"``: on a mesh, every matrix is assigned to one device
+      (largest first onto the least loaded device, across all shape groups),
+      each factor is computed once and brought back to every device (see
+      ``docs/tpu_pods.md``); same numbers, each device does about ``1/D``
+      of the decomposition work. Without a mesh it is the replicated mode.
     mesh: for ``parallel="layers"``, the mesh to spread over; default the
       mesh set with ``jax.set_mesh``, else the mesh of Explicit-sharded
       gradients.
