@@ -25,13 +25,13 @@ from hypothesis import strategies as st
 
 @st.composite
 def matrices(
-    draw,
+    draw: st.DrawFn,
     *,
     min_side: int = 1,
     max_side: int = 12,
     rank_deficient: bool | None = None,
     max_condition: float | None = None,
-    dtype=np.float32,
+    dtype: Any = np.float32,
 ) -> np.ndarray:
   """Real (m, n) matrices.
 
@@ -44,6 +44,15 @@ def matrices(
     max_condition: if set (full-rank matrices only), singular values are drawn
       in [1 / max_condition, 1].
     dtype: NumPy dtype of the result.
+
+  Example:
+    >>> from hypothesis import given
+    >>> import optax_ortho
+    >>> from optax_ortho import testing
+    >>> @given(testing.matrices(rank_deficient=False, max_condition=10.0))
+    ... def check(a):
+    ...   testing.assert_orthonormal(optax_ortho.polar(a), atol=1e-4)
+    >>> check()
   """
   m = draw(st.integers(min_side, max_side))
   n = draw(st.integers(min_side, max_side))
@@ -73,8 +82,19 @@ LAYER_KINDS = ("dense", "conv", "bias", "embedding", "square")
 
 
 @st.composite
-def layer_shapes(draw, *, kinds: tuple[str, ...] = LAYER_KINDS) -> tuple[int, ...]:
-  """Flax-layout parameter shapes: Dense (in, out), Conv (kh, kw, in, out), ..."""
+def layer_shapes(
+    draw: st.DrawFn, *, kinds: tuple[str, ...] = LAYER_KINDS
+) -> tuple[int, ...]:
+  """Flax-layout parameter shapes: Dense (in, out), Conv (kh, kw, in, out), ...
+
+  Example:
+    >>> from hypothesis import given
+    >>> from optax_ortho import testing
+    >>> @given(testing.layer_shapes(kinds=("dense", "conv")))
+    ... def check(shape):
+    ...   assert len(shape) in (2, 4)
+    >>> check()
+  """
   kind = draw(st.sampled_from(kinds))
   ch = st.sampled_from((1, 2, 3, 4, 8, 16))
   if kind == "dense":
@@ -92,18 +112,31 @@ def layer_shapes(draw, *, kinds: tuple[str, ...] = LAYER_KINDS) -> tuple[int, ..
 
 @st.composite
 def gradient_trees(
-    draw,
+    draw: st.DrawFn,
     *,
     min_leaves: int = 1,
     max_leaves: int = 6,
     rank_deficient: bool | None = None,
-    dtype=np.float32,
+    dtype: Any = np.float32,
 ) -> dict[str, np.ndarray]:
   """Gradient pytrees (flat dicts) of realistic layer shapes.
 
   Shapes repeat often (as in a ResNet), so batching by shape is exercised.
   With `rank_deficient=True` every matrix leaf has rank 1 (or is zero for a
   1 x 1 view); None mixes full-rank, rank-one and zero leaves.
+
+  Example:
+    >>> import numpy as np
+    >>> from hypothesis import given, settings
+    >>> import optax_ortho
+    >>> from optax_ortho import testing
+    >>> tx = optax_ortho.orthonormalize("newton_schulz")
+    >>> @settings(max_examples=5, deadline=None)
+    ... @given(testing.gradient_trees(max_leaves=3))
+    ... def check(grads):
+    ...   updates, _ = tx.update(grads, tx.init(grads))
+    ...   assert all(np.isfinite(u).all() for u in updates.values())
+    >>> check()
   """
   n = draw(st.integers(min_leaves, max_leaves))
   shapes = draw(st.lists(layer_shapes(), min_size=1, max_size=3))
@@ -137,6 +170,12 @@ def resnet20_shapes() -> dict[str, tuple[int, ...]]:
   A 3x3x3x16 stem, 18 3x3 convolutions of 16/32/64 channels, two 1x1
   projections, two BatchNorm vectors per block and a 64x10 head: the pytree on
   which batched LAPACK hung (DESIGN.md), and the benchmarks' small model.
+
+  Example:
+    >>> from optax_ortho import testing
+    >>> shapes = testing.resnet20_shapes()
+    >>> shapes["stem"], shapes["s1b0proj"], shapes["head"]
+    ((3, 3, 3, 16), (1, 1, 16, 32), (64, 10))
   """
   shapes = {"stem": (3, 3, 3, 16)}
   cin = 16
@@ -156,7 +195,14 @@ def resnet20_shapes() -> dict[str, tuple[int, ...]]:
 
 def transformer_shapes(d: int = 512, layers: int = 4,
                        vocab: int = 4096) -> dict[str, tuple[int, ...]]:
-  """Parameter shapes of a transformer: embedding, qkv, out, MLP, layer norms."""
+  """Parameter shapes of a transformer: embedding, qkv, out, MLP, layer norms.
+
+  Example:
+    >>> from optax_ortho import testing
+    >>> shapes = testing.transformer_shapes(d=64, layers=2, vocab=128)
+    >>> shapes["embedding"], shapes["l0_qkv"], shapes["l1_down"]
+    ((128, 64), (64, 192), (256, 64))
+  """
   shapes = {"embedding": (vocab, d)}
   for i in range(layers):
     shapes[f"l{i}_qkv"] = (d, 3 * d)
@@ -172,7 +218,15 @@ def transformer_shapes(d: int = 512, layers: int = 4,
 
 
 def polar_reference(a: Any, eps: float | None = None) -> np.ndarray:
-  """Pseudo-polar factor U_r V_r^T in float64 NumPy (leading axes = batch)."""
+  """Pseudo-polar factor U_r V_r^T in float64 NumPy (leading axes = batch).
+
+  Example:
+    >>> import numpy as np
+    >>> from optax_ortho import testing
+    >>> testing.polar_reference(np.array([[3.0, 0.0], [0.0, 0.0]]))
+    array([[1., 0.],
+           [0., 0.]])
+  """
   a = np.asarray(a, np.float64)
   u, s, vt = np.linalg.svd(a, full_matrices=False)
   if eps is None:
@@ -182,7 +236,13 @@ def polar_reference(a: Any, eps: float | None = None) -> np.ndarray:
 
 
 def assert_orthonormal(q: Any, atol: float = 1e-5) -> None:
-  """Columns (tall) or rows (wide) of each matrix are orthonormal."""
+  """Columns (tall) or rows (wide) of each matrix are orthonormal.
+
+  Example:
+    >>> import numpy as np
+    >>> from optax_ortho import testing
+    >>> testing.assert_orthonormal(np.eye(3)[:, :2])
+  """
   q = np.asarray(q, np.float64)
   if q.shape[-2] < q.shape[-1]:
     q = np.swapaxes(q, -1, -2)
@@ -192,7 +252,13 @@ def assert_orthonormal(q: Any, atol: float = 1e-5) -> None:
 
 
 def assert_unit_singular_values(q: Any, rank: int, atol: float = 1e-4) -> None:
-  """Exactly `rank` singular values equal one, the rest zero."""
+  """Exactly `rank` singular values equal one, the rest zero.
+
+  Example:
+    >>> import numpy as np
+    >>> from optax_ortho import testing
+    >>> testing.assert_unit_singular_values(np.diag([1.0, -1.0, 0.0]), rank=2)
+  """
   s = np.linalg.svd(np.asarray(q, np.float64), compute_uv=False)
   expected = np.zeros_like(s)
   expected[..., :rank] = 1.0
@@ -200,7 +266,13 @@ def assert_unit_singular_values(q: Any, rank: int, atol: float = 1e-4) -> None:
 
 
 def assert_pseudo_polar(a: Any, q: Any, atol: float = 1e-4) -> None:
-  """`q` is the pseudo-polar factor of `a` (float64 SVD reference)."""
+  """`q` is the pseudo-polar factor of `a` (float64 SVD reference).
+
+  Example:
+    >>> import numpy as np
+    >>> from optax_ortho import testing
+    >>> testing.assert_pseudo_polar(np.diag([2.0, 0.5]), np.eye(2))
+  """
   np.testing.assert_allclose(np.asarray(q, np.float64), polar_reference(a),
                              atol=atol)
 
@@ -214,14 +286,18 @@ def decompositions_per_device(closed_jaxpr: Any) -> tuple[int, float]:
   Walks a jaxpr (from ``jax.make_jaxpr``) counting ``svd`` and ``eigh`` calls,
   batch axes and ``scan`` lengths (``lax.map``) multiplied out, sub-jaxprs
   (``jit``, ``shard_map``) added, and for a ``cond``/``switch`` the maximum
-  over its branches, since each device runs one branch. Flops: thin SVD
-  ``6mn^2 + 20n^3``, symmetric eigh ``9n^3``. A ``while`` body counts once.
+  over its branches (a device runs one branch: the layer-parallel mode's
+  per-device ``switch``; ``"auto"``'s fallback counts as its SVD). Flops:
+  thin SVD ``6mn^2 + 20n^3``, symmetric eigh ``9n^3``. A ``while`` body
+  counts once.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_ortho
+    >>> from optax_ortho.testing import decompositions_per_device
     >>> tx = optax_ortho.orthonormalize("svd")
     >>> g = {"a": jnp.ones((8, 4)), "b": jnp.ones((8, 4))}
-    >>> decompositions_per_device(jax.make_jaxpr(lambda g: tx.update(g, None)[0])(g))
+    >>> jaxpr = jax.make_jaxpr(lambda g: tx.update(g, None)[0])(g)
+    >>> decompositions_per_device(jaxpr)
     (2, 4096.0)
   """
   from jax.extend import core as jax_core

@@ -5,17 +5,19 @@ matrices of all groups (``(k, m, n)`` stacks of same-shaped gradient
 matrices) are scheduled onto the devices of the mesh at trace time, largest
 first onto the least loaded device (LPT), weighted by the cost of a thin
 SVD. Inside one ``jax.shard_map`` each device runs the branch of a
-``lax.switch`` that decomposes only its own matrices, writes them into
-zero stacks of the groups' shapes, and a ``psum`` over the mesh assembles
-the replicated results; the caller restores each leaf's sharding. This is the
-"assign whole matrices to devices" scheme of distributed Muon and Dion, with
-the groups balanced against each other: a model whose groups each hold one
-matrix still spreads over the devices, and no device decomposes padding.
+``lax.switch`` that decomposes only its own matrices; the results come back
+to every device by an all-gather of per-device blocks (groups spread over
+the mesh) or a psum of zero-filled stacks (groups smaller than the mesh),
+and the caller restores each leaf's sharding. This is the "assign whole
+matrices to devices" scheme of distributed Muon and Dion, with the groups
+balanced against each other: a model whose groups each hold one matrix
+still spreads over the devices, and no device decomposes padding.
 
-Only jax's sharding API moves data: ``jax.sharding.reshard`` on meshes with
-Explicit axes, ``jax.lax.with_sharding_constraint`` on Auto ones, and
-``jax.shard_map``. Every slot of a result is written by exactly one device
-and is zero on the others, so the sum is exact and a NaN stays in its matrix.
+Only jax's sharding API and collectives move data: ``jax.sharding.reshard``
+on meshes with Explicit axes, ``jax.lax.with_sharding_constraint`` on Auto
+ones, and ``all_gather`` / ``psum`` in a ``jax.shard_map``. Every slot of a
+psum is written by exactly one device and is zero on the others, so the sum
+is exact and a NaN stays in its matrix.
 """
 
 from __future__ import annotations
