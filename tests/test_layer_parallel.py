@@ -128,6 +128,23 @@ def test_mesh_argument_without_set_mesh():
 
 
 @needs_8
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
+                         ids=["explicit", "auto"])
+def test_inside_a_users_shard_map_spreads_over_the_free_axes(axis_type):
+  """Under a shard_map over "data" (a manual axis), only "model" is free."""
+  grads = _grads(7)
+  ref = _update(optax_ortho.orthonormalize("svd"), grads)
+  tx = optax_ortho.orthonormalize("svd", parallel="layers")
+  with jax.set_mesh(_mesh(axis_type)):
+    step = jax.jit(jax.shard_map(lambda g: tx.update(g, None)[0],
+                                 in_specs=P(), out_specs=P(),
+                                 axis_names={"data"}))
+    out = step(grads)
+  for k in grads:
+    np.testing.assert_allclose(out[k], ref[k], atol=2e-6, err_msg=k)
+
+
+@needs_8
 def test_batch_axes_of_dimension_numbers_are_spread_too():
   rng = np.random.default_rng(4)
   g = {"heads": jnp.asarray(rng.standard_normal((8, 6, 4)), jnp.float32)}
