@@ -1,0 +1,120 @@
+"""Input checks shared by every public entry point, and the guard in front of LAPACK.
+
+The rule (docs/reliability.md): bad input fails at trace time with a ValueError or
+TypeError that names the argument or the leaf's key path, what was expected and
+what was given; inside jit nothing raises, and a non-finite matrix never reaches
+a LAPACK call (jaxlib's CPU SVD spins forever on an Inf in the first row).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def is_traced_or_schedule(value: Any) -> bool:
+  """A schedule, or a value injected by `optax.inject_hyperparams`: not checked."""
+  return callable(value) or isinstance(value, (jax.Array, jax.core.Tracer))
+
+
+def hyperparam(
+    value: Any,
+    name: str,
+    accepted: str,
+    ok: Callable[[float], bool],
+    *,
+    schedule: bool = True,
+) -> None:
+  """Validates a Python-number hyperparameter; schedules and arrays pass.
+
+  Args:
+    value: the hyperparameter as the user gave it.
+    name: its argument name, for the message.
+    accepted: the accepted range in words, e.g. ``"in [0, 1)"``.
+    ok: predicate on ``float(value)``; NaN and Inf are rejected before it.
+    schedule: whether an optax schedule (a callable) is accepted.
+  """
+  if schedule and is_traced_or_schedule(value):
+    return
+  if isinstance(value, (jax.Array, jax.core.Tracer)):
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    kinds = "a float or an optax schedule" if schedule else "a float"
+    raise TypeError(
+        f"{name} must be {kinds} {accepted}, got {value!r} of type"
+        f" {type(value).__name__}."
+    )
+  if not math.isfinite(float(value)) or not ok(float(value)):
+    raise ValueError(f"{name} must be {accepted}, got {value!r}.")
+
+
+def boolean(value: Any, name: str) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool (True or False), got {value!r}.")
+
+
+def float_leaves(tree: Any, name: str) -> None:
+  """Every leaf of `tree` has a real floating dtype."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"{name}{jax.tree_util.keystr(path)} must have a real floating dtype"
+          f" (float32, bfloat16, float16, float64), got {dtype}."
+      )
+
+
+def trees_match(tree: Any, ref: Any, name: str, ref_name: str, *, shapes: bool = True) -> None:
+  """Raises ValueError naming the first leaf where `tree` differs from `ref`.
+
+  Checks the structure (key paths and container types, so a tuple given for a
+  list is caught) and, with ``shapes=True``, every leaf's shape.
+  """
+  a = jax.tree_util.tree_flatten_with_path(ref)[0]
+  b = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for i in range(max(len(a), len(b))):
+    pa = jax.tree_util.keystr(a[i][0]) if i < len(a) else None
+    pb = jax.tree_util.keystr(b[i][0]) if i < len(b) else None
+    if pa != pb:
+      raise ValueError(
+          f"{name} must have the structure of {ref_name}: first difference at"
+          f" leaf {pa if pa is not None else pb}: {ref_name} has"
+          f" {pa if pa is not None else 'no further leaf'}, {name} has"
+          f" {pb if pb is not None else 'no further leaf'}."
+      )
+    if shapes and jnp.shape(a[i][1]) != jnp.shape(b[i][1]):
+      raise ValueError(
+          f"{name}{pa} has shape {jnp.shape(b[i][1])}, but {ref_name}{pa} has"
+          f" shape {jnp.shape(a[i][1])}; they must be equal."
+      )
+  if jax.tree.structure(ref) != jax.tree.structure(tree):
+    raise ValueError(
+        f"{name} must have the pytree structure of {ref_name}"
+        f" {jax.tree.structure(ref)} (same container types), got"
+        f" {jax.tree.structure(tree)}."
+    )
+
+
+def finite_matrices(a: jax.Array) -> jax.Array:
+  """Boolean of shape ``a.shape[:-2]``: whether each matrix is all finite."""
+  return jnp.all(jnp.isfinite(a), axis=(-2, -1))
+
+
+def lapack_input(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Zeros in place of every non-finite matrix of a stack, and the mask of good ones.
+
+  Call it on whatever is about to reach a LAPACK kernel, and `poison` the
+  result with the mask: the bad matrices come out NaN, the others untouched.
+  """
+  ok = finite_matrices(a)
+  return jnp.where(ok[..., None, None], a, jnp.zeros((), a.dtype)), ok
+
+
+def poison(out: jax.Array, ok: jax.Array) -> jax.Array:
+  """NaN in every matrix of `out` whose input was not finite (`ok` False)."""
+  ok = ok.reshape(ok.shape + (1,) * (out.ndim - ok.ndim))
+  return jnp.where(ok, out, jnp.full((), jnp.nan, out.dtype))
