@@ -1,5 +1,9 @@
 """optax-ortho: orthogonality-based gradient transformations for optax."""
 
+# Submodules: regularisers of GrOD, and the Flax layers of OPT.
+from optax_ortho import linen
+from optax_ortho import nnx
+from optax_ortho import regularizers
 from optax_ortho._src.gal import GalState
 from optax_ortho._src.gal import gal
 from optax_ortho._src.gal import gal_value_and_grad
@@ -16,11 +20,6 @@ from optax_ortho._src.polar import polar
 from optax_ortho._src.stiefel import StiefelSGDState
 from optax_ortho._src.stiefel import stiefel_sgd
 from optax_ortho._src.value_and_grads import value_and_grads
-
-# Submodules: regularisers of GrOD, and the Flax layers of OPT.
-from optax_ortho import linen  # noqa: E402
-from optax_ortho import nnx  # noqa: E402
-from optax_ortho import regularizers  # noqa: E402
 
 __version__ = "0.1.0"
 

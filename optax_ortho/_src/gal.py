@@ -11,7 +11,10 @@ minimise the Taylor remainder of a small step along the adjusted gradient.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax

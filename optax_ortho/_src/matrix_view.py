@@ -10,11 +10,15 @@ its sharding restored at the end (DESIGN.md, "Platform hazards").
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec
 from optax.contrib import MuonDimensionNumbers
 
 DimNums = MuonDimensionNumbers | None

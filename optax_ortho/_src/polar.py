@@ -9,8 +9,11 @@ Matrix products, which do not go through LAPACK, stay batched.
 
 from __future__ import annotations
 
-from itertools import chain, islice, repeat
-from typing import Callable, Literal
+from collections.abc import Callable
+from itertools import chain
+from itertools import islice
+from itertools import repeat
+from typing import Literal
 
 import jax
 import jax.numpy as jnp

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -240,7 +242,7 @@ def stiefel_sgd(
       groups[(views[i].rows, views[i].cols, m.dtype)].append(i)
 
     for (_, _, compute), idx in groups.items():
-      def stack(leaves):
+      def stack(leaves, idx=idx, compute=compute):
         parts = [mv.to_stack(leaves[i], views[i], compute) for i in idx]
         return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
