@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -121,6 +122,8 @@ def runs(tmp_path_factory):
   one = Launch(1, 8, full, tmp)
   two = Launch(2, 4, full + [stopped], tmp)
   two_results = two.results()
+  # Step 3 only, for a resume by one process (the relaunch below adds step 6).
+  shutil.copytree(ckpt, ckpt + "-copy")
   again = Launch(2, 4, [resumed], tmp)
   return {"one": one.results(), "two": two_results, "resumed": again.results(),
           "ckpt": ckpt}
@@ -173,3 +176,17 @@ def test_plain_one_process_run_agrees_to_rounding(runs):
   assert plain["processes"] == 1
   np.testing.assert_allclose(plain["losses"], ref[layers]["losses"], rtol=1e-5)
   assert abs(plain["test_accuracy"] - ref[layers]["test_accuracy"]) <= 2 / 448
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest.py)")
+def test_one_process_resumes_a_two_process_checkpoint(runs):
+  import train_sharded
+
+  [(ref, _)] = runs["one"]
+  layers = MODES.index("layers")
+  r = train_sharded.main(TINY + ["--parallel", "layers", "--checkpoint-dir",
+                                 runs["ckpt"] + "-copy"])
+  assert r["processes"] == 1 and r["start_step"] == CHECKPOINT_STEP
+  # Plain collectives here: equal to rounding (see the module docstring).
+  np.testing.assert_allclose(r["losses"], ref[layers]["losses"][CHECKPOINT_STEP:],
+                             rtol=1e-5)
