@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -32,7 +33,9 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 TINY = ["--steps", "6", "--hidden", "16", "--batch-size", "16", "--log-every", "1"]
 MODES = ("layers", "replicated")
 CHECKPOINT_STEP = 3
-TIMEOUT_S = 300  # per launch; the machine may be loaded
+# Per launch, from its start; the machine may be loaded. Two launches run one
+# after the other, within pytest-timeout's 600 s.
+TIMEOUT_S = 240
 MARK = "RESULTS "
 
 
@@ -58,6 +61,7 @@ class Launch:
 
   def __init__(self, num_processes: int, local_devices: int, runs, tmp: str):
     port = free_port()
+    self.deadline = time.monotonic() + TIMEOUT_S
     env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     self.procs, self.files = [], []
@@ -76,7 +80,7 @@ class Launch:
     """Per process: (its results, its printed lines without timings)."""
     try:
       for p in self.procs:
-        p.wait(timeout=TIMEOUT_S)
+        p.wait(timeout=max(0.0, self.deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
       for p in self.procs:
         p.kill()
