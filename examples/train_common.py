@@ -145,9 +145,11 @@ def checkpoint_manager(args):
   if not args.checkpoint_dir:
     return None
   import orbax.checkpoint as ocp
+  path = args.checkpoint_dir
+  if "://" not in path:  # a bucket (gs://...) is not a local path
+    path = os.path.abspath(path)
   return ocp.CheckpointManager(
-      os.path.abspath(args.checkpoint_dir),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2))
+      path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
 
 def save(manager, step: int, tree) -> None:

@@ -7,8 +7,23 @@
 
 The same script runs unchanged on a TPU pod slice or a multi-GPU host: there
 `jax.devices()` are the accelerators (the CPU device count set below only
-affects the CPU backend); on several hosts add `--distributed`, which calls
-`jax.distributed.initialize()` (see docs/tpu_pods.md).
+affects the CPU backend). On several hosts every host runs the same command
+with `--distributed` (TPU pods, SLURM: `jax.distributed.initialize()` finds the
+cluster by itself) or with the cluster spelled out; two processes of 4 CPU
+devices each on this machine (see docs/tpu_pods.md):
+
+    python examples/train_sharded.py --coordinator-address localhost:12355 \
+        --num-processes 2 --process-id 0 --local-devices 4 &
+    python examples/train_sharded.py --coordinator-address localhost:12355 \
+        --num-processes 2 --process-id 1 --local-devices 4
+
+Each process builds only its own rows of every global batch
+(`jax.make_array_from_process_local_data`); the loss and the test accuracy are
+reduced on the mesh into replicated scalars, so every process prints the same
+numbers, and they are those of one process with all the devices. The batch of
+step i depends only on (seed, i), so with `--checkpoint-dir` (orbax: each
+process writes its own shards) a rerun resumes from the latest checkpoint and
+takes exactly the steps the uninterrupted run would have taken.
 
 The mesh has axes ("data", "model"). The batch is split over "data"; the
 hidden layers are tensor-parallel over "model" (the first kernel split by its
@@ -19,26 +34,47 @@ download) is the data set.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
 
-import jax
+# OpenBLAS's own threads (behind jaxlib's CPU LAPACK kernels) busy-wait against
+# XLA's; set before jax loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-# Before JAX starts: 8 CPU devices when no accelerator is there. Harmless on
-# TPU/GPU, and a no-op if the backend already started with this value.
-if jax.config.jax_num_cpu_devices != 8:
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+
+
+def set_cpu_devices(k: int, *, strict: bool) -> None:
+  """K CPU devices in this process: only before JAX's backends start.
+
+  Harmless on TPU/GPU (it only affects the CPU backend). When the backend is
+  up already (e.g. imported by a test), a different count is an error only if
+  `strict`.
+  """
+  if jax.config.jax_num_cpu_devices == k:
+    return
   try:
-    jax.config.update("jax_num_cpu_devices", 8)
-  except RuntimeError:  # the backend is up already (e.g. imported by a test)
-    pass
+    jax.config.update("jax_num_cpu_devices", k)
+  except RuntimeError:
+    if strict:
+      raise SystemExit(
+          f"error: --local-devices {k}: JAX's CPU backend already started with"
+          f" {len(jax.local_devices(backend='cpu'))} devices") from None
+
+
+# 8 CPU devices when no accelerator is there (--local-devices changes it).
+set_cpu_devices(8, strict=False)
 
 import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +181,66 @@ def load_data(seed=0):
   return (x[perm[n_test:]], y[perm[n_test:]]), (x[perm[:n_test]], y[perm[:n_test]])
 
 
+def start_runtime(args, parser) -> None:
+  """CPU device count, then `jax.distributed.initialize` (before any JAX work)."""
+  explicit = (args.num_processes, args.process_id)
+  if args.coordinator_address is None and explicit != (None, None):
+    parser.error("--num-processes and --process-id need --coordinator-address")
+  if args.coordinator_address is not None:
+    if args.distributed:
+      parser.error("--distributed detects the cluster; it does not combine with"
+                   " --coordinator-address")
+    if None in explicit:
+      parser.error("--coordinator-address needs --num-processes and --process-id")
+    if not 0 <= args.process_id < args.num_processes:
+      parser.error(f"--process-id must be in [0, {args.num_processes}),"
+                   f" got {args.process_id}")
+  if args.local_devices is not None:
+    if args.local_devices < 1:
+      parser.error(f"--local-devices must be >= 1, got {args.local_devices}")
+    set_cpu_devices(args.local_devices, strict=True)
+  if args.coordinator_address is not None or args.distributed:
+    # Cross-process collectives of the CPU backend (no-op on TPU/GPU, which
+    # have their own); the default of jax 0.10, stated for older ones.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if jax.distributed.is_initialized():  # main() called again in one program
+    return
+  if args.coordinator_address is not None:
+    jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                               args.process_id)
+  elif args.distributed:
+    jax.distributed.initialize()  # TPU pods, SLURM, Open MPI: auto-detected
+
+
+def process_rows(sharding: NamedSharding, global_shape) -> slice:
+  """The rows of a global batch whose shards live on this process's devices.
+
+  With the batch split over "data" and `jax.make_mesh`'s device order these
+  are one contiguous block per process; anything else is reported.
+  """
+  n = global_shape[0]
+  rows = {s[0].indices(n)[:2]
+          for s in sharding.addressable_devices_indices_map(global_shape).values()}
+  lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
+  if sum(b - a for a, b in rows) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds rows {sorted(rows)}"
+                     " of the batch: not one contiguous block")
+  return slice(lo, hi)
+
+
+def global_batch(sharding: NamedSharding, full: np.ndarray) -> jax.Array:
+  """The global array whose shards are `full`'s rows, built from this
+  process's rows only (a per-host loader would load just those)."""
+  local = full[process_rows(sharding, full.shape)]
+  return jax.make_array_from_process_local_data(sharding, local, full.shape)
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+  """The examples of step `step`: a function of (seed, step) only, the same on
+  every process and after a resume."""
+  return np.random.default_rng([seed, step]).integers(0, n, batch_size)
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--method", default="orthonormalize", choices=method_names())
@@ -162,11 +258,30 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--hidden", type=int, default=256)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() (multi-host)")
+  parser.add_argument("--log-every", type=int, default=0,
+                      help="print the loss of every N-th step (0: never)")
+  parser.add_argument("--checkpoint-dir", default=None,
+                      help="save params + optimizer state here with orbax (a"
+                      " directory every process can reach), and resume from the"
+                      " latest checkpoint found there")
+  parser.add_argument("--checkpoint-every", type=int, default=0,
+                      help="also save every N steps (0: only at the end)")
+  cluster = parser.add_argument_group(
+      "several processes", "every process runs the same command; give either"
+      " --distributed or the other three of --coordinator-address,"
+      " --num-processes, --process-id")
+  cluster.add_argument("--distributed", action="store_true",
+                       help="jax.distributed.initialize() with the cluster"
+                       " auto-detected (Cloud TPU pods, SLURM, Open MPI)")
+  cluster.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                       help="address of process 0's coordinator service")
+  cluster.add_argument("--num-processes", type=int, default=None, metavar="N")
+  cluster.add_argument("--process-id", type=int, default=None, metavar="I")
+  cluster.add_argument("--local-devices", type=int, default=None, metavar="K",
+                       help="CPU devices per process (default 8; no effect on"
+                       " TPU/GPU)")
   args = parser.parse_args(argv)
-  if args.distributed:
-    jax.distributed.initialize()
+  start_runtime(args, parser)
 
   n = jax.device_count()
   shape = tuple(args.mesh) if args.mesh else ((n // 4, 4) if n >= 4 else (n, 1))
@@ -182,58 +297,93 @@ def main(argv=None) -> dict:
     return cross_entropy(model.apply(params, x), y)
 
   tx, grads_fn = make_method(args, model, loss_fn)
+  import train_common  # orbax helpers shared with train_linen.py / train_nnx.py
+
+  manager = train_common.checkpoint_manager(args)
 
   with jax.set_mesh(mesh):
     batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
     param_shardings = {"params": jax.tree.map(
         lambda s: NamedSharding(mesh, s), PARAM_SPECS)}
-    params = jax.jit(model.init, out_shardings=param_shardings)(
-        jax.random.key(args.seed), jnp.zeros((shape[0], x_train.shape[1])))
+    # Key and dummy input made inside the jitted function: every input of a
+    # computation that spans processes must be a global array.
+    params = jax.jit(
+        lambda: model.init(jax.random.key(args.seed),
+                           jnp.zeros((shape[0], x_train.shape[1]))),
+        out_shardings=param_shardings)()
     opt_state = jax.jit(tx.init)(params)
     state_shardings = jax.tree.map(lambda a: a.sharding, opt_state)
+    start = 0
+    restored = train_common.restore_latest(
+        manager, {"params": params, "opt_state": opt_state})
+    if restored is not None:  # into the shardings of the fresh state
+      start = manager.latest_step()
+      params, opt_state = restored["params"], restored["opt_state"]
 
     # Shardings pinned on the way out, so that every step sees the same input
-    # shardings (no recompilation under Auto axes) and the buffers are reused.
+    # shardings (no recompilation under Auto axes) and the buffers are reused;
+    # the loss comes out replicated, readable on every process.
     def step(params, opt_state, x, y):
       loss, grads, extra = grads_fn(params, x, y)
       updates, opt_state = tx.update(grads, opt_state, params, **extra)
       return optax.apply_updates(params, updates), opt_state, loss
 
-    step = jax.jit(step, out_shardings=(param_shardings, state_shardings, None),
+    step = jax.jit(step, out_shardings=(param_shardings, state_shardings, replicated),
                    donate_argnums=(0, 1))
-    predict = jax.jit(lambda p, x: jnp.argmax(model.apply(p, x), -1))
+    # An integer count of correct predictions: exact whatever the reduction
+    # order across devices and processes.
+    correct = jax.jit(
+        lambda p, x, y: jnp.sum(jnp.argmax(model.apply(p, x), -1) == y),
+        out_shardings=replicated)
 
-    rng = np.random.default_rng(args.seed)
     times, losses = [], []
-    for i in range(args.steps):
-      idx = rng.integers(0, len(x_train), args.batch_size)
-      x = jax.device_put(x_train[idx], batch_sharding)
-      y = jax.device_put(y_train[idx], batch_sharding)
+    for i in range(start, args.steps):
+      idx = batch_indices(args.seed, i, len(x_train), args.batch_size)
+      x = global_batch(batch_sharding, x_train[idx])
+      y = global_batch(batch_sharding, y_train[idx])
       t0 = time.perf_counter()
       params, opt_state, loss = step(params, opt_state, x, y)
       losses.append(float(loss))
-      if i:  # the first step compiles
+      if i > start:  # the first step compiles
         times.append(time.perf_counter() - t0)
+      if args.log_every and (i + 1) % args.log_every == 0:
+        # 9 significant digits: a float32 printed exactly.
+        print(f"step {i + 1} loss {losses[-1]:.9g}", flush=True)
+      if manager and args.checkpoint_every and (i + 1) % args.checkpoint_every == 0:
+        train_common.save(manager, i + 1, {"params": params, "opt_state": opt_state})
+    if manager:
+      if manager.latest_step() != max(start, args.steps):
+        train_common.save(manager, max(start, args.steps),
+                          {"params": params, "opt_state": opt_state})
+      manager.wait_until_finished()
+      manager.close()
     n_eval = len(x_test) - len(x_test) % shape[0]
-    pred = predict(params, jax.device_put(x_test[:n_eval], batch_sharding))
-    accuracy = float(np.mean(np.asarray(pred) == y_test[:n_eval]))
+    hits = int(correct(params, global_batch(batch_sharding, x_test[:n_eval]),
+                       global_batch(batch_sharding, y_test[:n_eval])))
+    accuracy = hits / n_eval
     kept = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
         jax.tree.leaves(params), jax.tree.leaves(param_shardings)))
 
   result = {
       "method": args.method, "polar": args.polar, "parallel": args.parallel,
       "mesh": dict(zip(("data", "model"), shape)), "axis_types": args.axis_types,
-      "devices": n, "platform": jax.devices()[0].platform,
-      "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
+      "devices": n, "processes": jax.process_count(),
+      "process_index": jax.process_index(), "platform": jax.devices()[0].platform,
+      "start_step": start, "losses": losses,
+      "first_loss": losses[0] if losses else float("nan"),
+      "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
       "test_accuracy": accuracy,
       "ms_per_step": 1e3 * float(np.median(times)) if times else float("nan"),
       "param_shardings_kept": kept,
   }
-  print(f"{n} {result['platform']} devices, mesh {result['mesh']}"
-        f" ({args.axis_types} axes), method {args.method}"
-        + (f" [{args.polar}, {args.parallel}]" if args.method == "orthonormalize" else ""))
-  print(f"loss {result['first_loss']:.3f} -> {result['final_loss']:.3f},"
-        f" test accuracy {accuracy:.4f}, {result['ms_per_step']:.2f} ms/step")
+  print(f"{n} {result['platform']} devices in {jax.process_count()} process(es),"
+        f" mesh {result['mesh']} ({args.axis_types} axes), method {args.method}"
+        + (f" [{args.polar}, {args.parallel}]" if args.method == "orthonormalize" else "")
+        + (f", resumed at step {start}" if start else ""))
+  print(f"loss {result['first_loss']:.9g} -> {result['final_loss']:.9g},"
+        f" test accuracy {accuracy:.9g} ({hits}/{n_eval})")
+  print(f"{result['ms_per_step']:.2f} ms/step (process {jax.process_index()})")
   return result
 
 
