@@ -41,13 +41,14 @@ def _scaled_norm(tree: Any) -> tuple[jax.Array, jax.Array]:
   in float32 (at least) so bfloat16 gradients do not lose the norm.
   """
   leaves = [x.astype(_compute_dtype(x)) for x in jax.tree.leaves(tree)]
-  m = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0).astype(jnp.float32)
+  acc = jnp.result_type(jnp.float32, *leaves)  # float64 stays float64
+  m = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0).astype(acc)
                          for x in leaves]))
   safe_m = jnp.where(jnp.isfinite(m) & (m > 0), m, jnp.ones_like(m))
   n = optax.tree.norm([x / safe_m.astype(x.dtype) for x in leaves])
   # A NaN or Inf leaf: make n non-finite so the caller sees it.
   n = jnp.where(jnp.isfinite(m), n, m)
-  return safe_m, n.astype(jnp.float32)
+  return safe_m, n.astype(acc)
 
 
 def gradient_norm_penalty(
