@@ -89,8 +89,8 @@ def flax_dimension_numbers(grads: Any) -> Any:
 
   The default view of a 3-D kernel flattens `in x heads` into the rows and
   keeps only `head_dim` as the columns, which orthonormalises another matrix:
-  on one attention layer it differs from the torch-Linear result by about 0.76
-  (relative Frobenius norm). A ``DenseGeneral`` without a bias and not inside
+  on random gradients of `(64, 8, 8)` kernels it differs from the torch-Linear
+  result by 0.72 (relative Frobenius norm). A ``DenseGeneral`` without a bias and not inside
   an attention module cannot be told apart from its shape; it gets the
   default view (give an explicit ``MuonDimensionNumbers`` for it if needed).
   ``DenseGeneral`` with ``batch_dims`` is not recognised either.

@@ -170,8 +170,7 @@ def gal(
   The sample keeps :math:`g` only where the tentative loss does not grow,
   :math:`l(z - \tilde\eta g) \le l(z)`; elsewhere it keeps :math:`\nabla l`.
   With ``safeguard="batch"`` the test is made once on the batch-mean loss, and
-  the whole batch keeps :math:`g` or :math:`\nabla l`, as in the authors'
-  released code (their ``gal_scale`` and ``gal_ratio`` are ``beta = gal_scale
+  the whole batch keeps $g$ or $\nabla l$, as in the authors' released code (their ``gal_scale`` and ``gal_ratio`` are ``beta = gal_scale
   / batch_size`` and ``alpha = gal_ratio``; docs/methods/gal.md).
   The parameter gradient is the back-propagation of the chosen logit
   gradients through ``gal_vjp`` (no second forward pass of the model). In the

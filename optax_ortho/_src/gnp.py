@@ -93,15 +93,15 @@ def gradient_norm_penalty(
   :math:`g_1` gives NaN in that leaf of the output, not in every leaf. The
   state is a step counter, which a NaN step cannot poison. Computation is in
   float32 (at least); each leaf of the output keeps the dtype of ``updates``.
-  The norm is taken on :math:`g_1 / \max|g_1|`, so gradients near the ends of
+  The norm is taken on $g_1 / \max|g_1|$, so gradients near the ends of
   the float range (a norm of 1e20 whose square overflows float32) are still
   perturbed correctly.
 
   ``normalize_g1=True`` reproduces the authors' released code (their default
   ``norm_perturbations=True``), which mixes the *normalised* first gradient:
-  :math:`\text{out} = (1 - \alpha)\, g_1 / \|g_1\| + \alpha\, g_2`. It
-  equals the paper's formula only at :math:`\alpha = 1`; the default
-  (``False``) is the paper's formula (docs/differences.md).
+  $\text{out} = (1 - \alpha) g_1 / \|g_1\| + \alpha g_2$. It equals the
+  paper's formula only at $\alpha = 1$; the default (``False``) is the paper's
+  formula (docs/differences.md).
 
   Args:
     alpha: weight :math:`\alpha \ge 0` of the perturbed gradient: a float or an
@@ -111,8 +111,8 @@ def gradient_norm_penalty(
     eps: lower bound on :math:`\|g_1\|` in the normalisation, so a tiny
       gradient gives a perturbation of norm at most ``radius``.
     has_aux: whether ``grad_fn`` returns ``(grads, aux)``; ``aux`` is dropped.
-    normalize_g1: mix :math:`g_1 / \|g_1\|` instead of :math:`g_1`, as the
-      authors' code does; a zero :math:`g_1` then contributes zero.
+    normalize_g1: mix $g_1 / \|g_1\|$ instead of $g_1$, as the authors' code
+      does; a zero $g_1$ then contributes zero.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
