@@ -107,16 +107,18 @@ def flax_dimension_numbers(grads: Any) -> Any:
     >>> attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
     >>> params = attn.init(jax.random.key(0), jnp.ones((1, 3, 6)))["params"]
     >>> dims = optax_ortho.flax_dimension_numbers(params)
-    >>> dims["query"]["kernel"]
+    >>> query, out = dims["query"], dims["out"]
+    >>> query["kernel"]
     MuonDimensionNumbers(reduction_axis=(0,), output_axis=(1, 2))
-    >>> dims["out"]["kernel"]
+    >>> out["kernel"]
     MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=2)
     >>> tx = optax_ortho.orthonormalize(
     ...     "svd", dimension_numbers=optax_ortho.flax_dimension_numbers)
     >>> grads = jax.tree.map(
     ...     lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
     >>> updates, _ = tx.update(grads, tx.init(params))
-    >>> q = updates["query"]["kernel"].reshape(6, 8)  # (in, heads * head_dim)
+    >>> query = updates["query"]
+    >>> q = query["kernel"].reshape(6, 8)  # (in, heads * head_dim)
     >>> bool(jnp.allclose(q @ q.T, jnp.eye(6), atol=1e-5))
     True
   """
