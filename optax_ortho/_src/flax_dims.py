@@ -131,7 +131,7 @@ def flax_dimension_numbers(grads: Any) -> Any:
     for i in range(1, len(p)):
       children.setdefault(p[:i - 1], set()).add(p[i - 1])
 
-  dims = []
+  dims: list[MuonDimensionNumbers | None] = []
   for p, (_, x) in zip(paths, flat):
     view = None
     if len(p) >= 2 and p[-1] == "kernel":

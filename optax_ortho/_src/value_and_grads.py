@@ -12,7 +12,7 @@ import jax.numpy as jnp
 try:  # A symbolic zero cotangent lets the backward pass skip dead branches.
   from jax.interpreters import ad as _ad
 
-  _Zero = _ad.Zero
+  _Zero: Any = _ad.Zero
 except (ImportError, AttributeError):  # pragma: no cover - depends on jax
   _Zero = None
 
@@ -112,7 +112,8 @@ def value_and_grads(
     [1. 1. 1.]
   """
   int_argnums = isinstance(argnums, int)
-  nums = (argnums,) if int_argnums else tuple(argnums)
+  nums: tuple[Any, ...] = ((argnums,) if isinstance(argnums, int)
+                           else tuple(argnums))
   if not nums or not all(isinstance(i, int) and not isinstance(i, bool)
                          for i in nums):
     raise TypeError(
