@@ -458,3 +458,10 @@ def test_pgd_faults():
   x_adv = regularizers.pgd_perturb(per_sample_loss, w, x, y, **args)
   assert bool(jnp.isnan(x_adv[0, 0]))
   assert _finite_tree(x_adv[1]) and float(jnp.abs(x_adv[1] - 1.0).max()) <= 0.1 + 1e-6
+
+
+def test_grod_nested_tuple_for_list_names_the_container():
+  gj = {"enc": [jnp.ones(2), jnp.ones(3)]}
+  tx = optax_ortho.grod()
+  with pytest.raises(ValueError, match=r"At \['enc'\]: list expected, got tuple"):
+    tx.update(gj, tx.init(gj), regularizer_grads={"enc": tuple(gj["enc"])})
