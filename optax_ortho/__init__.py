@@ -4,6 +4,7 @@
 from optax_ortho import linen
 from optax_ortho import nnx
 from optax_ortho import regularizers
+from optax_ortho._src.flax_dims import flax_dimension_numbers
 from optax_ortho._src.gal import GalState
 from optax_ortho._src.gal import gal
 from optax_ortho._src.gal import gal_value_and_grad
@@ -28,6 +29,7 @@ __all__ = [
     "GrodState",
     "StiefelSGDState",
     "gal",
+    "flax_dimension_numbers",
     "gal_value_and_grad",
     "gradient_norm_penalty",
     "grod",

@@ -277,7 +277,7 @@ def test_mismatched_structures():
     ({"radius": -1.0}, ValueError, "radius must be a finite number >= 0"),
     ({"radius": True}, TypeError, "radius"),
     ({"eps": 0.0}, ValueError, "eps must be a finite number > 0, got 0.0"),
-    ({"has_aux": 1}, TypeError, "has_aux must be a Python bool"),
+    ({"has_aux": 1}, TypeError, "has_aux must be a bool"),
 ])
 def test_bad_hyperparameters(kwargs, error, match):
   with pytest.raises(error, match=match):

@@ -93,11 +93,39 @@ def trees_match(tree: Any, ref: Any, name: str, ref_name: str, *, shapes: bool =
           f" shape {jnp.shape(a[i][1])}; they must be equal."
       )
   if jax.tree.structure(ref) != jax.tree.structure(tree):
+    where = _first_container_difference(tree, ref, [p for p, _ in a])
     raise ValueError(
         f"{name} must have the pytree structure of {ref_name}"
         f" {jax.tree.structure(ref)} (same container types), got"
-        f" {jax.tree.structure(tree)}."
+        f" {jax.tree.structure(tree)}.{where}"
     )
+
+
+def _child(node: Any, key: Any) -> Any:
+  if isinstance(key, jax.tree_util.DictKey):
+    return node[key.key]
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return getattr(node, key.name)
+  raise KeyError(key)
+
+
+def _first_container_difference(tree: Any, ref: Any, paths: list) -> str:
+  """' At <path>: ... is a tuple, ... a list.' for the first container that differs."""
+  for path in paths:
+    x, y = tree, ref
+    for depth in range(len(path) + 1):
+      if type(x) is not type(y):
+        return (f" At {jax.tree_util.keystr(tuple(path[:depth])) or 'the root'}:"
+                f" {type(y).__name__} expected, got {type(x).__name__}.")
+      if depth == len(path):
+        break
+      try:
+        x, y = _child(x, path[depth]), _child(y, path[depth])
+      except (KeyError, IndexError, AttributeError, TypeError):
+        break
+  return ""
 
 
 def finite_matrices(a: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ import numbers
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
+from typing import Literal
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -21,6 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from optax_ortho._src import checks
+
+Safeguard = Literal["per_sample", "batch"]
+_SAFEGUARDS = ("per_sample", "batch")
 
 # Gauss-Legendre nodes and weights on [0, 1] for the integral form of the
 # remainder; 3 nodes integrate polynomials of degree 5 exactly.
@@ -106,11 +112,6 @@ def _check_positive_int(value: Any, name: str) -> None:
     raise ValueError(f"{name} must be a positive Python int, got {value!r}.")
 
 
-def _check_nonnegative(value: Any, name: str) -> None:
-  if isinstance(value, numbers.Real) and not value >= 0:
-    raise ValueError(f"{name} must be a float >= 0, got {value!r}.")
-
-
 def _check_args(num_outputs: int, args: dict[str, Any]) -> None:
   missing = [k for k in _GAL_ARGS if args[k] is None]
   if missing:
@@ -154,6 +155,7 @@ def gal(
     hidden_sizes: Sequence[int] = (128, 4),
     adjuster_optimizer: optax.GradientTransformation | None = None,
     seed: int = 0,
+    safeguard: Safeguard = "per_sample",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient adjustment learning: a learned, safeguarded logit-gradient adjustment.
 
@@ -167,6 +169,9 @@ def gal(
 
   The sample keeps :math:`g` only where the tentative loss does not grow,
   :math:`l(z - \tilde\eta g) \le l(z)`; elsewhere it keeps :math:`\nabla l`.
+  With ``safeguard="batch"`` the test is made once on the batch-mean loss, and
+  the whole batch keeps $g$ or $\nabla l$, as in the authors' released code (their ``gal_scale`` and ``gal_ratio`` are ``beta = gal_scale
+  / batch_size`` and ``alpha = gal_ratio``; docs/methods/gal.md).
   The parameter gradient is the back-propagation of the chosen logit
   gradients through ``gal_vjp`` (no second forward pass of the model). In the
   same call the adjuster takes one step of ``adjuster_optimizer`` on the mean
@@ -201,6 +206,9 @@ def gal(
       ``optax.adam(1e-3)``.
     seed: seed of the adjuster's initial parameters (an int or an integer
       array).
+    safeguard: ``"per_sample"`` (the paper): each sample tests its own loss;
+      ``"batch"`` (the authors' code): one test on the batch-mean loss decides
+      for the whole batch.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -232,10 +240,15 @@ def gal(
   hidden_sizes = tuple(hidden_sizes)
   for width in hidden_sizes:
     _check_positive_int(width, f"hidden_sizes entry (hidden_sizes={hidden_sizes!r})")
-  if not callable(learning_rate):
-    _check_nonnegative(learning_rate, "learning_rate")
-  _check_nonnegative(alpha, "alpha")
-  _check_nonnegative(beta, "beta")
+  checks.hyperparam(learning_rate, "learning_rate", "a finite number >= 0",
+                    lambda v: v >= 0.0)
+  checks.hyperparam(alpha, "alpha", "a finite number >= 0", lambda v: v >= 0.0,
+                    schedule=False)
+  checks.hyperparam(beta, "beta", "a finite number >= 0", lambda v: v >= 0.0,
+                    schedule=False)
+  if safeguard not in _SAFEGUARDS:
+    raise ValueError(
+        f"safeguard must be one of {_SAFEGUARDS}, got {safeguard!r}.")
   # optax.inject_hyperparams hands numeric defaults over as arrays: an integer
   # array seed is fine, jax.random.PRNGKey traces.
   if (isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, jax.Array))
@@ -272,6 +285,20 @@ def gal(
     _check_args(num_outputs, dict(
         gal_logits=gal_logits, gal_logits_grad=gal_logits_grad,
         gal_sample_loss=gal_sample_loss, gal_vjp=gal_vjp))
+    checks.float_leaves(updates, "updates")
+
+    def backprop(chosen):
+      new_updates = gal_vjp(chosen.astype(gal_logits.dtype))
+      checks.trees_match(new_updates, updates, "gal_vjp(logit gradients)",
+                         "updates")
+      checks.float_leaves(new_updates, "gal_vjp(logit gradients)")
+      return jax.tree.map(lambda n, u: n.astype(u.dtype), new_updates, updates)
+
+    if gal_logits.shape[0] == 0:
+      # An empty batch has nothing to adjust or to train the adjuster on: its
+      # means would be NaN. Keep the state, count the step.
+      return backprop(gal_logits_grad), state._replace(
+          count=optax.safe_increment(state.count))
     compute = jnp.promote_types(gal_logits.dtype, jnp.float32)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     eta = jnp.asarray(beta, compute) * jnp.asarray(lr, compute)
@@ -317,17 +344,13 @@ def gal(
         objective, has_aux=True)(state.adjuster_params)
 
     # A NaN change compares False: that sample keeps its vanilla gradient.
-    accept = change <= 0
+    if safeguard == "batch":
+      # The batch-mean loss does not grow: sum of per-sample changes <= 0.
+      accept = jnp.broadcast_to(jnp.sum(change) <= 0, change.shape)
+    else:
+      accept = change <= 0
     chosen = jnp.where(accept[:, None], _adjust(dz, v, a), dz)
-    new_updates = gal_vjp(chosen.astype(gal_logits.dtype))
-    if jax.tree.structure(new_updates) != jax.tree.structure(updates):
-      raise ValueError(
-          "gal_vjp must return a pytree with the structure of the gradients:"
-          f" got {jax.tree.structure(new_updates)}, expected"
-          f" {jax.tree.structure(updates)}."
-      )
-    new_updates = jax.tree.map(
-        lambda n, u: n.astype(u.dtype), new_updates, updates)
+    new_updates = backprop(chosen)
 
     adj_updates, adj_opt_state = adjuster_optimizer.update(
         adj_grads, state.adjuster_opt_state, state.adjuster_params)

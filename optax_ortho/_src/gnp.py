@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ortho._src import polar as polar_lib
+from optax_ortho._src import checks
 
 # params -> grads, or params -> (grads, aux) with `has_aux=True`.
 GradFn = Callable[[Any], Any]
@@ -28,34 +28,27 @@ class GradientNormPenaltyState(NamedTuple):
   count: jax.Array
 
 
-def _check_hyperparam(value: Any, name: str, accepted: str, ok) -> None:
-  if callable(value) or isinstance(value, jax.Array):
-    return  # a schedule, or a value injected by optax.inject_hyperparams
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(
-        f"{name} must be a float or an optax schedule, got {value!r}"
-        f" of type {type(value).__name__}."
-    )
-  if not ok(float(value)):
-    raise ValueError(f"{name} must be {accepted}, got {value!r}.")
-
-
 def _compute_dtype(x: jax.Array):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _global_norm(tree: Any) -> jax.Array:
-  # Summed in float32 (at least) so bfloat16 gradients do not lose the norm.
-  return optax.tree.norm(
-      jax.tree.map(lambda x: x.astype(_compute_dtype(x)), tree))
+def _scaled_norm(tree: Any) -> tuple[jax.Array, jax.Array]:
+  """(m, n) with m = max|g| (1 where that is 0 or not finite) and n = |g / m|.
 
-
-def _check_structure(tree: Any, ref: Any, what: str, hint: str = "") -> None:
-  if jax.tree.structure(tree) != jax.tree.structure(ref):
-    raise ValueError(
-        f"{what} must have the structure of the gradients"
-        f" {jax.tree.structure(ref)}, got {jax.tree.structure(tree)}.{hint}"
-    )
+  The global norm is m * n. Squaring g / m instead of g keeps the sum of
+  squares in range: a float32 gradient of 1e20 has a finite norm whose square
+  (1e40) is not, and a tiny one a norm whose square underflows to zero. Summed
+  in float32 (at least) so bfloat16 gradients do not lose the norm.
+  """
+  leaves = [x.astype(_compute_dtype(x)) for x in jax.tree.leaves(tree)]
+  acc = jnp.result_type(jnp.float32, *leaves)  # float64 stays float64
+  m = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0).astype(acc)
+                         for x in leaves]))
+  safe_m = jnp.where(jnp.isfinite(m) & (m > 0), m, jnp.ones_like(m))
+  n = optax.tree.norm([x / safe_m.astype(x.dtype) for x in leaves])
+  # A NaN or Inf leaf: make n non-finite so the caller sees it.
+  n = jnp.where(jnp.isfinite(m), n, m)
+  return safe_m, n.astype(acc)
 
 
 def gradient_norm_penalty(
@@ -64,6 +57,7 @@ def gradient_norm_penalty(
     *,
     eps: float = 1e-12,
     has_aux: bool = False,
+    normalize_g1: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient of the loss plus a penalty on its gradient norm (Zhao et al.).
 
@@ -99,6 +93,15 @@ def gradient_norm_penalty(
   :math:`g_1` gives NaN in that leaf of the output, not in every leaf. The
   state is a step counter, which a NaN step cannot poison. Computation is in
   float32 (at least); each leaf of the output keeps the dtype of ``updates``.
+  The norm is taken on $g_1 / \max|g_1|$, so gradients near the ends of
+  the float range (a norm of 1e20 whose square overflows float32) are still
+  perturbed correctly.
+
+  ``normalize_g1=True`` reproduces the authors' released code (their default
+  ``norm_perturbations=True``), which mixes the *normalised* first gradient:
+  $\text{out} = (1 - \alpha) g_1 / \|g_1\| + \alpha g_2$. It equals the
+  paper's formula only at $\alpha = 1$; the default (``False``) is the paper's
+  formula (docs/differences.md).
 
   Args:
     alpha: weight :math:`\alpha \ge 0` of the perturbed gradient: a float or an
@@ -108,6 +111,8 @@ def gradient_norm_penalty(
     eps: lower bound on :math:`\|g_1\|` in the normalisation, so a tiny
       gradient gives a perturbation of norm at most ``radius``.
     has_aux: whether ``grad_fn`` returns ``(grads, aux)``; ``aux`` is dropped.
+    normalize_g1: mix $g_1 / \|g_1\|$ instead of $g_1$, as the authors' code
+      does; a zero $g_1$ then contributes zero.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -141,20 +146,18 @@ def gradient_norm_penalty(
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
-  _check_hyperparam(alpha, "alpha", "a finite number >= 0",
-                    lambda v: 0.0 <= v < float("inf"))
-  _check_hyperparam(radius, "radius", "a finite number >= 0",
-                    lambda v: 0.0 <= v < float("inf"))
-  _check_hyperparam(eps, "eps", "a finite number > 0",
-                    lambda v: 0.0 < v < float("inf"))
-  if not isinstance(has_aux, bool):
-    raise TypeError(
-        f"has_aux must be a Python bool (True or False), got {has_aux!r}."
-    )
+  checks.hyperparam(alpha, "alpha", "a finite number >= 0",
+                    lambda v: v >= 0.0)
+  checks.hyperparam(radius, "radius", "a finite number >= 0",
+                    lambda v: v >= 0.0)
+  checks.hyperparam(eps, "eps", "a finite number > 0", lambda v: v > 0.0,
+                    schedule=False)
+  checks.boolean(has_aux, "has_aux")
+  checks.boolean(normalize_g1, "normalize_g1")
   # A constant alpha = 0 needs no second gradient: skip its cost entirely.
   skip_second_pass = (
       isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
-      and float(alpha) == 0.0
+      and float(alpha) == 0.0 and not normalize_g1
   )
 
   def init_fn(params):
@@ -180,27 +183,31 @@ def gradient_norm_penalty(
           f"grad_fn must be callable (params -> grads), got {grad_fn!r} of"
           f" type {type(grad_fn).__name__}."
       )
-    for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]:
-      polar_lib.check_float(x, f"gradient leaf {jax.tree_util.keystr(path)}")
-    _check_structure(params, updates, "params")
+    checks.float_leaves(updates, "updates")
+    checks.trees_match(params, updates, "params", "updates")
 
     count_inc = optax.safe_increment(state.count)
     new_state = GradientNormPenaltyState(count=count_inc)
-    if skip_second_pass:
+    if skip_second_pass or not jax.tree.leaves(updates):
       return updates, new_state
 
     a = alpha(state.count) if callable(alpha) else alpha
     r = radius(state.count) if callable(radius) else radius
-    norm = _global_norm(updates)
+    m, n = _scaled_norm(updates)
     # A non-finite g1 would spread NaN into every parameter through the
     # perturbation; evaluated at params instead, g2 stays finite and only the
     # non-finite leaves of g1 make the output non-finite.
-    finite = jnp.isfinite(norm)
-    scale = r / jnp.maximum(norm, eps)
+    finite = jnp.isfinite(n)
+    # g1 / max(|g1|, eps) = (g1 / m) / max(n, eps / m), never squaring g1.
+    inv = 1.0 / jnp.maximum(n, eps / m)
+
+    def unit(g):
+      dtype = _compute_dtype(g)
+      return (g.astype(dtype) / m.astype(dtype)) * inv.astype(dtype)
 
     def perturb(p, g):
       dtype = _compute_dtype(p)
-      moved = p.astype(dtype) + scale * g.astype(dtype)
+      moved = p.astype(dtype) + r * unit(g).astype(dtype)
       return jnp.where(finite, moved, p.astype(dtype)).astype(p.dtype)
 
     perturbed = jax.tree.map(perturb, params, updates)
@@ -212,9 +219,21 @@ def gradient_norm_penalty(
             f" {type(g2).__name__}."
         )
       g2 = g2[0]  # aux (e.g. BatchNorm statistics of the perturbed pass) dropped
-    _check_structure(
-        g2, updates, "grad_fn(params)",
-        "" if has_aux else " If grad_fn returns (grads, aux), pass has_aux=True.")
+    try:
+      checks.trees_match(g2, updates, "grad_fn(params)", "updates")
+    except ValueError as err:
+      if has_aux:
+        raise
+      raise ValueError(
+          f"{err} If grad_fn returns (grads, aux), pass has_aux=True.") from None
+    checks.float_leaves(g2, "grad_fn(params)")
+    if normalize_g1:
+      # Non-finite g1: keep it as is, so its NaN stays in its own leaves.
+      g1_mixed = jax.tree.map(
+          lambda g: jnp.where(finite, unit(g), g.astype(_compute_dtype(g))),
+          updates)
+    else:
+      g1_mixed = updates
 
     def mix(g1, g2):
       dtype = _compute_dtype(g1)
@@ -222,6 +241,7 @@ def gradient_norm_penalty(
       return ((1.0 - a) * g1.astype(dtype)
               + a * g2.astype(dtype)).astype(g1.dtype)
 
-    return jax.tree.map(mix, updates, g2), new_state
+    out = jax.tree.map(mix, g1_mixed, g2)
+    return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 from typing import Literal
 from typing import NamedTuple
@@ -11,6 +9,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from optax_ortho._src import checks
 
 Granularity = Literal["global", "per_leaf"]
 _GRANULARITIES = ("global", "per_leaf")
@@ -31,56 +31,12 @@ class GrodState(NamedTuple):
   conflict: Any
 
 
-def _check_regularizer_weight(value: Any) -> None:
-  if callable(value) or isinstance(value, (jax.Array, jnp.ndarray)):
-    return  # a schedule, or a value injected by optax.inject_hyperparams
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(
-        "regularizer_weight must be a non-negative float or an optax schedule,"
-        f" got {value!r} of type {type(value).__name__}."
-    )
-  if not math.isfinite(value) or value < 0:
-    raise ValueError(
-        "regularizer_weight must be a finite float >= 0 (a negative weight"
-        f" breaks the descent guarantee <d, gJ> >= |gJ|^2), got {value!r}."
-    )
-
-
-def check_same_structure(updates: Any, regularizer_grads: Any) -> None:
-  """Raises ValueError at the first path where the two pytrees differ."""
-  a = jax.tree_util.tree_flatten_with_path(updates)[0]
-  b = jax.tree_util.tree_flatten_with_path(regularizer_grads)[0]
-  for i in range(max(len(a), len(b))):
-    pa = jax.tree_util.keystr(a[i][0]) if i < len(a) else None
-    pb = jax.tree_util.keystr(b[i][0]) if i < len(b) else None
-    if pa != pb:
-      raise ValueError(
-          "regularizer_grads must have the structure of the gradients"
-          f" (updates): first difference at leaf {pa or pb}: updates have"
-          f" {pa or 'no further leaf'}, regularizer_grads have"
-          f" {pb or 'no further leaf'}."
-      )
-    xa, xb = a[i][1], b[i][1]
-    if jnp.shape(xa) != jnp.shape(xb):
-      raise ValueError(
-          f"regularizer_grads{pa} has shape {jnp.shape(xb)}, but the gradient"
-          f" (updates{pa}) has shape {jnp.shape(xa)}; they must be equal."
-      )
-    for what, x in (("updates", xa), ("regularizer_grads", xb)):
-      if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(
-            f"{what}{pa} must have a real floating dtype (float32, bfloat16,"
-            f" ...), got {jnp.result_type(x)}."
-        )
-
-
 def _compute_dtype(gj: jax.Array, go: jax.Array):
   return jnp.promote_types(jnp.promote_types(gj.dtype, go.dtype), jnp.float32)
 
 
-def _max_abs(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  return jnp.max(jnp.abs(x), initial=0.0)
+def _max_abs(x: jax.Array, dtype) -> jax.Array:
+  return jnp.max(jnp.abs(x.astype(dtype)), initial=0.0)
 
 
 def _safe_scale(max_abs: jax.Array) -> jax.Array:
@@ -102,30 +58,36 @@ def _inner_products(gjs, gos, per_leaf: bool):
   underflows nor overflows in float32 (it is scale invariant). The rescaled
   branch only runs in that rare case, so GrOD costs one pass over the
   gradients for the sums and one for the output.
+
+  Both branches of the `lax.cond` return the tree's common compute dtype (at
+  least float32; float64 when any leaf is float64), so they always agree.
   """
+  acc = jnp.result_type(jnp.float32, *[
+      _compute_dtype(gj, go) for gj, go in zip(gjs, gos)])
+
   def sums(scales):
     uu, uo = [], []
     for gj, go, sc in zip(gjs, gos, scales):
       c = _compute_dtype(gj, go)
       u = gj.astype(c) / sc.astype(c)
-      uu.append(jnp.sum(u * u).astype(jnp.float32))
-      uo.append(jnp.sum(u * go.astype(c)).astype(jnp.float32))
+      uu.append(jnp.sum(u * u).astype(acc))
+      uo.append(jnp.sum(u * go.astype(c)).astype(acc))
     return _group_sums(uu, per_leaf), _group_sums(uo, per_leaf)
 
   def expand(group_values):
     return group_values if per_leaf else group_values * len(gjs)
 
-  ones = [jnp.ones([], jnp.float32)] * len(gjs)
+  ones = [jnp.ones([], acc)] * len(gjs)
   uu, uo = sums(ones)
   ok = jnp.all(jnp.stack([
       jnp.isfinite(a) & jnp.isfinite(b) & (a >= 2.0**-60) & (a <= 2.0**60)
       for a, b in zip(uu, uo)]))
 
   def direct():
-    return [jnp.ones([], jnp.float32)] * len(uu), uu, uo
+    return [jnp.ones([], acc)] * len(uu), uu, uo
 
   def rescaled():
-    m = [_max_abs(g) for g in gjs]
+    m = [_max_abs(g, acc) for g in gjs]
     scales = [_safe_scale(x) for x in _group_max(m, per_leaf)]
     return (scales, *sums(expand(scales)))
 
@@ -217,7 +179,10 @@ def grod(
     raise ValueError(
         f"granularity must be one of {_GRANULARITIES}, got {granularity!r}."
     )
-  _check_regularizer_weight(regularizer_weight)
+  checks.hyperparam(
+      regularizer_weight, "regularizer_weight",
+      "a finite float >= 0 (a negative weight breaks the descent guarantee"
+      " <d, gJ> >= |gJ|^2)", lambda v: v >= 0.0)
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
@@ -236,7 +201,10 @@ def grod(
           " regularizer_grads=reg_grads) with (task_grads, reg_grads) from"
           " optax_ortho.value_and_grads."
       )
-    check_same_structure(updates, regularizer_grads)
+    checks.trees_match(regularizer_grads, updates, "regularizer_grads",
+                       "updates")
+    checks.float_leaves(updates, "updates")
+    checks.float_leaves(regularizer_grads, "regularizer_grads")
     lam = (regularizer_weight(state.count) if callable(regularizer_weight)
            else regularizer_weight)
     lam = jnp.asarray(lam, jnp.float32)

@@ -7,13 +7,14 @@ Each returns an unweighted scalar loss; the weight is GrOD's
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from optax_ortho._src import checks
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -51,7 +52,9 @@ def l2_sp(
     A float32 scalar.
 
   Raises:
-    ValueError: a leaf present in both has different shapes there.
+    ValueError: a leaf present in both has different shapes there, or
+      ``alpha``/``beta`` is negative or not finite.
+    TypeError: a leaf is not a real floating array.
 
   Example:
     >>> import jax.numpy as jnp, optax_ortho
@@ -65,6 +68,12 @@ def l2_sp(
     with convolutional networks <https://arxiv.org/abs/1802.01483>`_, ICML
     2018.
   """
+  checks.hyperparam(alpha, "alpha", "a finite float >= 0", lambda v: v >= 0.0,
+                    schedule=False)
+  checks.hyperparam(beta, "beta", "a finite float >= 0", lambda v: v >= 0.0,
+                    schedule=False)
+  checks.float_leaves(params, "params")
+  checks.float_leaves(source_params, "source_params")
   source = {
       jax.tree_util.keystr(path): leaf
       for path, leaf in jax.tree_util.tree_flatten_with_path(source_params)[0]
@@ -121,31 +130,39 @@ def feature_distillation(student_features: Any, teacher_features: Any) -> jax.Ar
     with Attention for Convolutional Networks <https://arxiv.org/abs/1901.09229>`_,
     ICLR 2019.
   """
-  s_leaves, s_tree = jax.tree.flatten(student_features)
-  t_leaves, t_tree = jax.tree.flatten(teacher_features)
-  if s_tree != t_tree:
-    raise ValueError(
-        "feature_distillation: student_features and teacher_features differ in"
-        f" structure: {s_tree} vs {t_tree}."
-    )
+  checks.trees_match(teacher_features, student_features, "teacher_features",
+                     "student_features")
+  checks.float_leaves(student_features, "student_features")
+  checks.float_leaves(teacher_features, "teacher_features")
   total = jnp.zeros([], jnp.float32)
-  for i, (s, t) in enumerate(zip(s_leaves, t_leaves)):
-    if jnp.shape(s) != jnp.shape(t) or jnp.ndim(s) < 1:
+  pairs = zip(jax.tree_util.tree_flatten_with_path(student_features)[0],
+              jax.tree.leaves(teacher_features))
+  for (path, s), t in pairs:
+    if jnp.ndim(s) < 1:
       raise ValueError(
-          f"feature_distillation: feature map {i} has student shape"
-          f" {jnp.shape(s)} and teacher shape {jnp.shape(t)}; they must be"
-          " equal, with the batch as leading axis."
+          f"feature_distillation: student_features{jax.tree_util.keystr(path)}"
+          f" has shape {jnp.shape(s)}; feature maps need the batch as leading"
+          " axis."
       )
+    if s.shape[0] == 0:
+      continue  # an empty batch adds nothing (not 0 / 0)
     diff = _f32(s) - jax.lax.stop_gradient(_f32(t))
     total = total + jnp.sum(jnp.square(diff)) / s.shape[0]
   return 0.5 * total
 
 
 def _check_nonneg(name: str, value: Any) -> None:
-  if isinstance(value, bool) or (
-      isinstance(value, numbers.Real)
-      and (not math.isfinite(value) or value < 0)):
-    raise ValueError(f"{name} must be a finite float >= 0, got {value!r}.")
+  checks.hyperparam(value, name, "a finite float >= 0", lambda v: v >= 0.0,
+                    schedule=False)
+
+
+def _check_bound(name: str, value: Any) -> None:
+  if value is None or isinstance(value, (jax.Array, jax.core.Tracer)):
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a float or None, got {value!r}.")
+  if value != value:
+    raise ValueError(f"{name} must not be NaN, got {value!r}.")
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_steps"))
@@ -225,8 +242,18 @@ def pgd_perturb(
     resistant to adversarial attacks <https://arxiv.org/abs/1706.06083>`_,
     ICLR 2018.
   """
+  if not callable(loss_fn):
+    raise TypeError(
+        f"loss_fn must be callable (params, x, y) -> scalar, got {loss_fn!r}.")
   _check_nonneg("epsilon", epsilon)
   _check_nonneg("step_size", step_size)
+  _check_bound("clip_min", clip_min)
+  _check_bound("clip_max", clip_max)
+  if (isinstance(clip_min, numbers.Real) and isinstance(clip_max, numbers.Real)
+      and clip_min > clip_max):
+    raise ValueError(
+        f"clip_min must be <= clip_max, got clip_min={clip_min!r} and"
+        f" clip_max={clip_max!r}.")
   if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
     raise ValueError(f"num_steps must be a Python int >= 0, got {num_steps!r}.")
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):

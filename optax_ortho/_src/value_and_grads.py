@@ -12,7 +12,7 @@ import jax.numpy as jnp
 try:  # A symbolic zero cotangent lets the backward pass skip dead branches.
   from jax.interpreters import ad as _ad
 
-  _Zero = _ad.Zero
+  _Zero: Any = _ad.Zero
 except (ImportError, AttributeError):  # pragma: no cover - depends on jax
   _Zero = None
 
@@ -33,19 +33,38 @@ def _zero_cotangent(x: jax.Array):
   return jnp.zeros_like(x)
 
 
-def _check_losses(out: Any) -> None:
+def _is_scalar_pair(x: Any) -> bool:
+  return (isinstance(x, (tuple, list)) and len(x) == 2
+          and all(jnp.shape(v) == () for v in jax.tree.leaves(x))
+          and len(jax.tree.leaves(x)) == 2)
+
+
+def _check_losses(out: Any, has_aux: bool) -> None:
+  hint = ""
+  if (not has_aux and isinstance(out, (tuple, list)) and len(out) == 2
+      and _is_scalar_pair(out[0])):
+    hint = (" fn seems to return ((task_loss, regularizer_loss), aux): pass"
+            " has_aux=True.")
+  elif has_aux and not isinstance(out, (tuple, list)):
+    # fn returned (task_loss, regularizer_loss): vjp took task_loss for the
+    # output and regularizer_loss for aux.
+    hint = (" With has_aux=True, fn must return ((task_loss,"
+            " regularizer_loss), aux); if it returns (task_loss,"
+            " regularizer_loss) only, pass has_aux=False.")
   if not (isinstance(out, (tuple, list)) and len(out) == 2):
     raise TypeError(
         "value_and_grads needs fn to return a pair (task_loss,"
         f" regularizer_loss) of scalars, got {type(out).__name__}"
         f" {jax.tree.map(jnp.shape, out)!r} (with has_aux=True: ((task_loss,"
-        " regularizer_loss), aux))."
+        f" regularizer_loss), aux)).{hint}"
     )
   for name, x in zip(("task_loss", "regularizer_loss"), out):
-    if jnp.shape(x) != () or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    if (isinstance(x, (tuple, list, dict)) or jnp.shape(x) != ()
+        or not jnp.issubdtype(jnp.result_type(x), jnp.floating)):
       raise TypeError(
           f"value_and_grads: fn's {name} must be a real floating scalar, got"
-          f" shape {jnp.shape(x)} and dtype {jnp.result_type(x)}."
+          f" {jax.tree.map(lambda v: (jnp.shape(v), jnp.result_type(v)), x)!r}"
+          f".{hint}"
       )
 
 
@@ -93,7 +112,8 @@ def value_and_grads(
     [1. 1. 1.]
   """
   int_argnums = isinstance(argnums, int)
-  nums = (argnums,) if int_argnums else tuple(argnums)
+  nums: tuple[Any, ...] = ((argnums,) if isinstance(argnums, int)
+                           else tuple(argnums))
   if not nums or not all(isinstance(i, int) and not isinstance(i, bool)
                          for i in nums):
     raise TypeError(
@@ -120,7 +140,7 @@ def value_and_grads(
       out, pullback, aux = jax.vjp(partial_fn, *primals, has_aux=True)
     else:
       out, pullback = jax.vjp(partial_fn, *primals)
-    _check_losses(out)
+    _check_losses(out, has_aux)
     task, reg = out
     pair = type(out)  # the pullback wants fn's own container (tuple or list)
     g_task = pullback(pair((jnp.ones_like(task), _zero_cotangent(reg))))
