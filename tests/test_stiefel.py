@@ -7,11 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import optax_ortho
 from tests import contract
-from tests.contract import ContractCase, contract_suite
+from tests.contract import ContractCase
+from tests.contract import contract_suite
 
 CASE = ContractCase(
     name="stiefel_sgd",
@@ -136,3 +139,30 @@ def test_bad_input():
     tx.update({"w": w, "v": w}, tx.init({"w": w, "v": w}), {"w": w, "v": w})
   with pytest.raises(ValueError, match="params"):
     tx.update({"w": w}, tx.init({"w": w}))
+
+
+def _authors_skew(x, m):
+  # opt_ogd/architecture.py: their momentum is -M; W = What - What^T.
+  mk = -m
+  wk = mk @ x.T - 0.5 * x @ ((x.T @ mk) @ x.T)
+  return wk - wk.T
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (5, 4)])  # rank-2p and direct solve
+@pytest.mark.parametrize("scale", [0.1, 100.0])
+def test_step_clamp_is_the_authors(shape, scale):
+  x = np.asarray(_orthonormal(jax.random.key(0), *shape), np.float64)
+  g = scale * np.asarray(jax.random.normal(jax.random.key(1), shape), np.float64)
+  lr = 0.5
+  w = _authors_skew(x, g)
+  for clamp in (True, False):
+    a = min(lr, 1.0 / (np.linalg.norm(w) + 1e-8)) if clamp else lr
+    eye = np.eye(shape[0])
+    # Exact Cayley step along their W (their momentum is -M, hence the signs).
+    expected = np.linalg.solve(eye - 0.5 * a * w, (eye + 0.5 * a * w) @ x)
+    tx = optax_ortho.stiefel_sgd(lr, 0.9, clamp_step=clamp)
+    xj = jnp.asarray(x, jnp.float32)
+    u, _ = tx.update(jnp.asarray(g, jnp.float32), tx.init(xj), xj)
+    np.testing.assert_allclose(xj + u, expected, atol=2e-5)
+  with pytest.raises(TypeError, match="clamp_step"):
+    optax_ortho.stiefel_sgd(0.1, clamp_step=1)
