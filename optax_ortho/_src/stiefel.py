@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -59,7 +60,9 @@ def _resolve_mask(updates, mask) -> list[bool]:
       raise TypeError(
           f"mask leaf at {jax.tree_util.keystr(path)} must be a Python bool,"
           f" got {m!r}.")
-    if m and (x.ndim < 2 or x.shape[-1] > x.size // max(x.shape[-1], 1)):
+    # An empty leaf passes through (zero update) whatever its shape.
+    if m and (x.ndim < 2 or (
+        x.size and x.shape[-1] > math.prod(x.shape[:-1]))):
       raise ValueError(
           f"mask selects the leaf {jax.tree_util.keystr(path)} of shape"
           f" {x.shape} for the Stiefel manifold, which needs a matrix view"
