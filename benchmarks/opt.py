@@ -1,6 +1,6 @@
 """OPT dense and conv layers forward + backward vs plain ones (ratios, not times).
 
-    python benchmarks/opt.py [--d 256] [--batch 128] [--runs 15] [--conv-batch 8]
+    python benchmarks/opt.py [--d 256] [--batch 128] [--runs 15] [--conv-batch 32]
 
 Times one jitted step (loss, gradients w.r.t. the parameters and the input) of
 `optax_ortho.linen.OrthogonalDense(d)` for each orthogonal map, and of
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--runs", type=int, default=15)
   parser.add_argument("--reps", type=int, default=10, help="steps per timing")
-  parser.add_argument("--conv-batch", type=int, default=8,
+  parser.add_argument("--conv-batch", type=int, default=32,
                       help="batch of the (B, 32, 32, 64) conv input; 0 skips it")
   parser.add_argument("--multi-thread", action="store_true",
                       help="keep XLA's default thread pools")
