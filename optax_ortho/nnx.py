@@ -53,6 +53,8 @@ def _const(value):
 class _OPT(nnx.Module):
   """Variables and forward pass shared by the OPT layers."""
 
+  in_features: int
+
   def _setup(self, shape, *, method, unit_norm, stochastic, episode_length,
              r_init, use_bias, kernel_init, bias_init, dtype, param_dtype,
              deterministic, rngs):

@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,10 @@ def init_fixed(key, shape: Sequence[int], init: Callable, unit_norm: bool,
 def rotation(r: jax.Array, method: str | None) -> jax.Array:
   """Q(R); with method None, R itself (kept orthogonal by `stiefel_sgd`)."""
   r = r.astype(jnp.promote_types(r.dtype, jnp.float32))
-  return r if method is None else omap.orthogonal_map(r, method=method)
+  if method is None:
+    return r
+  omap.check_map_method(method)
+  return omap.orthogonal_map(r, method=cast(omap.OrthogonalMapMethod, method))
 
 
 def sopt_rotation(r, r0, method) -> jax.Array:

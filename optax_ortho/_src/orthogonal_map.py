@@ -10,6 +10,7 @@ never as a batched kernel (DESIGN.md, "Platform hazards").
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -96,7 +97,7 @@ def _lowdin_jvp(primals, tangents):
   return q, _matmul(_matmul(u, omega), vt)
 
 
-_MAPS = {
+_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "cayley": _cayley,
     "gram_schmidt": _gram_schmidt,
     "householder": _householder,
