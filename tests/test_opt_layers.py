@@ -46,14 +46,14 @@ def test_linen_dense_trains_r_only_and_keeps_angles(method, stochastic):
       y, upd = layer.apply({"params": p, ortho_nn.FIXED: fixed}, X_DENSE,
                            rngs={ortho_nn.SOPT_RNG: key}, mutable=[ortho_nn.FIXED])
       return jnp.mean((y - 1.0) ** 2), upd[ortho_nn.FIXED]
-    (l, fixed), g = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, fixed), g = jax.value_and_grad(loss, has_aux=True)(params)
     u, state = tx.update(g, state, params)
-    return optax.apply_updates(params, u), fixed, state, l
+    return optax.apply_updates(params, u), fixed, state, value
 
   losses = []
   for i in range(30):
-    params, fixed, state, l = step(params, fixed, state, jax.random.key(i))
-    losses.append(float(l))
+    params, fixed, state, value = step(params, fixed, state, jax.random.key(i))
+    losses.append(float(value))
   assert losses[-1] < losses[0]
   if stochastic is None:
     np.testing.assert_array_equal(fixed["V"], v0)

@@ -30,7 +30,8 @@ test_contract = contract_suite([CASE])
 
 
 def test_rosenbrock_unmasked():
-  no_manifold = lambda p: jax.tree.map(lambda _: False, p)
+  def no_manifold(p):
+    return jax.tree.map(lambda _: False, p)
   contract.check_rosenbrock(ContractCase(
       name="stiefel_sgd[mask=none]",
       make=functools.partial(optax_ortho.stiefel_sgd, mask=no_manifold),
@@ -63,7 +64,8 @@ def test_iterates_stay_on_manifold(n, p_frac, seed):
   p = max(1, int(n * p_frac))
   k1, k2 = jax.random.split(jax.random.key(seed))
   target = jax.random.normal(k2, (n, p))
-  loss = lambda w: jnp.sum(jnp.sin(3.0 * w["w"] - target)) + jnp.sum(w["b"] ** 2)
+  def loss(w):
+    return jnp.sum(jnp.sin(3.0 * w["w"] - target)) + jnp.sum(w["b"] ** 2)
   params = {"w": _orthonormal(k1, n, p), "b": jnp.ones(3)}
   params, _ = _run(optax_ortho.stiefel_sgd(0.1, 0.9), loss, params, 30)
   assert _ortho_error(params["w"]) < 1e-5
@@ -75,7 +77,8 @@ def test_thousands_of_steps_stay_orthonormal():
             "square": _orthonormal(keys[1], 16, 16),
             "conv": _orthonormal(keys[2], 18, 4).reshape(3, 3, 2, 4)}
   mask = {"tall": True, "square": True, "conv": True}
-  loss = lambda w: sum(jnp.sum(jnp.cos(5.0 * x)) for x in jax.tree.leaves(w))
+  def loss(w):
+    return sum(jnp.sum(jnp.cos(5.0 * x)) for x in jax.tree.leaves(w))
   params, _ = _run(optax_ortho.stiefel_sgd(0.05, 0.9, mask=mask), loss, params,
                    3000)
   for x in jax.tree.leaves(params):
@@ -101,7 +104,8 @@ def test_procrustes_reaches_optimum(n, extra, seed):
   ka, kb, kx = jax.random.split(jax.random.key(seed), 3)
   a = jax.random.normal(ka, (p, 2 * n))
   b = jax.random.normal(kb, (n, 2 * n))
-  loss = lambda x: jnp.sum(jnp.square(x @ a - b))
+  def loss(x):
+    return jnp.sum(jnp.square(x @ a - b))
   x_star = optax_ortho.polar(b @ a.T)
   x0 = _orthonormal(kx, n, p)
   if n == p and jnp.linalg.det(x0) * jnp.linalg.det(x_star) < 0:
