@@ -1,11 +1,13 @@
-"""OPT dense layer forward + backward vs a plain Dense (ratios, not times).
+"""OPT dense and conv layers forward + backward vs plain ones (ratios, not times).
 
-    python benchmarks/opt.py [--d 256] [--batch 128] [--runs 15]
+    python benchmarks/opt.py [--d 256] [--batch 128] [--runs 15] [--conv-batch 32]
 
 Times one jitted step (loss, gradients w.r.t. the parameters and the input) of
 `optax_ortho.linen.OrthogonalDense(d)` for each orthogonal map, and of
 `flax.linen.Dense(d)`, interleaved in one process; reports the median over
 `--runs` rounds of each ratio to the plain Dense (goal for Cayley: <= 2x),
+and the same for `OrthogonalConv(64, (3, 3))` (Cayley) against `nn.Conv` on
+CIFAR-sized activations `(--conv-batch, 32, 32, 64)` (goal: <= 1.2x),
 for wall time and for process CPU time (on a shared machine the wall time of
 LAPACK calls includes waiting for a core; CPU time counts only the work).
 By default XLA runs each op on one thread (see `--multi-thread`). Writes
@@ -44,7 +46,8 @@ def make_step(layer, x):
 
   @jax.jit
   def step(params, x):
-    loss = lambda p, x: jnp.sum(jnp.square(layer.apply({"params": p, **rest}, x)))
+    def loss(p, x):
+      return jnp.sum(jnp.square(layer.apply({"params": p, **rest}, x)))
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
   return lambda: jax.block_until_ready(step(params, x))
@@ -64,6 +67,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--runs", type=int, default=15)
   parser.add_argument("--reps", type=int, default=10, help="steps per timing")
+  parser.add_argument("--conv-batch", type=int, default=32,
+                      help="batch of the (B, 32, 32, 64) conv input; 0 skips it")
   parser.add_argument("--multi-thread", action="store_true",
                       help="keep XLA's default thread pools")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(
@@ -76,17 +81,21 @@ def main(argv=None) -> dict:
   k = args.d // 4
   fns[f"s-opt[cayley, k={k}]"] = make_step(
       ortho_nn.OrthogonalDense(args.d, method="cayley", stochastic=k), x)
+  if args.conv_batch:
+    xc = jax.random.normal(jax.random.key(2), (args.conv_batch, 32, 32, 64))
+    fns["conv"] = make_step(nn.Conv(64, (3, 3)), xc)
+    fns["opt_conv[cayley]"] = make_step(ortho_nn.OrthogonalConv(64, (3, 3)), xc)
   for fn in fns.values():  # compile and warm up
     fn()
     fn()
   times = {k: [] for k in fns}
   for _ in range(args.runs):
     for k, fn in fns.items():  # interleaved: drift hits every method alike
-      times[k].append(time_once(fn, args.reps))
-  base = np.array(times["dense"])
+      times[k].append(time_once(fn, args.reps if "conv" not in k else 1))
   rows = []
   for k, t in times.items():
     t = np.array(t)
+    base = np.array(times["conv" if "conv" in k else "dense"])
     wall, cpu = t[:, 0] / base[:, 0], t[:, 1] / base[:, 1]
     rows.append({"layer": k, "wall_ratio": float(np.median(wall)),
                  "wall_ratio_q25": float(np.quantile(wall, 0.25)),
@@ -94,7 +103,8 @@ def main(argv=None) -> dict:
                  "cpu_ratio": float(np.median(cpu)),
                  "cpu_ratio_q25": float(np.quantile(cpu, 0.25)),
                  "cpu_ratio_q75": float(np.quantile(cpu, 0.75))})
-  print(f"d={args.d} batch={args.batch}: forward+backward / plain Dense, median"
+  print(f"d={args.d} batch={args.batch} (conv: {args.conv_batch}x32x32x64):"
+        f" forward+backward / plain Dense (Conv), median"
         f" of {args.runs} interleaved runs (wall time; process CPU time)")
   print(f"{'layer':<24} {'wall':>7} {'[q25, q75]':>16} {'cpu':>7} {'[q25, q75]':>16}")
   for r in rows:

@@ -2,10 +2,17 @@
 
 `V` lives in the ``"fixed"`` collection, not in ``"params"``, so an optimizer
 over ``variables["params"]`` trains only ``R`` (and the bias). Pass the whole
-``variables`` dict to ``apply``. With ``stochastic=k`` (S-OPT) a call that has
-an ``"sopt"`` rng and ``mutable=["fixed"]`` first folds the current rotation
-into ``V`` and samples ``k`` new coordinates to rotate; thread the returned
-``"fixed"`` collection like ``batch_stats``.
+``variables`` dict to ``apply``. Defaults follow the authors' code
+(wy1iu/OPT): ``V ~ N(0, 2/fan_in)``, ``R ~ N(0, 1)`` for the orthogonal maps
+and ``R = I`` for OGD (``method=None``) and S-OPT; add their L2 of 5e-4 on
+``R`` with ``optax.add_decayed_weights(5e-4)`` in the optimizer.
+
+With ``stochastic=k`` (S-OPT) every call that has an ``"sopt"`` rng and
+``mutable=["fixed"]`` is a training step; steps run in episodes of
+``episode_length`` (default 750, as in ``sopt_gs/train.py``): ``k`` sampled
+coordinates are rotated during an episode, and at its end the rotation is
+folded into ``V``, new coordinates are drawn and the rotation restarts at the
+identity. Thread the returned ``"fixed"`` collection like ``batch_stats``.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -37,32 +44,35 @@ __all__ = ["FIXED", "SOPT_RNG", "OrthogonalConv", "OrthogonalDense"]
 
 
 def _parts(mdl, shape: Sequence[int]):
-  """(R, V, idx, Q_ref, bias) of an OPT layer, creating its variables."""
+  """(R, V, idx, R0, bias) of an OPT layer, creating its variables."""
   fan_in = math.prod(shape[:-1])
-  core.check_options(mdl.method, mdl.stochastic, fan_in)
+  core.check_options(mdl.method, mdl.stochastic, fan_in, mdl.episode_length)
+  kernel_init = mdl.kernel_init or core.default_kernel_init()
   v = mdl.variable(FIXED, "V", lambda: core.init_fixed(
-      mdl.make_rng("params"), shape, mdl.kernel_init, mdl.unit_norm,
+      mdl.make_rng("params"), shape, kernel_init, mdl.unit_norm,
       mdl.param_dtype))
   size = fan_in if mdl.stochastic is None else mdl.stochastic
-  r = mdl.param("R", core.init_r, (size, size), mdl.param_dtype)
+  r_init = mdl.r_init or core.default_r_init(mdl.method, mdl.stochastic)
+  r = mdl.param("R", r_init, (size, size), mdl.param_dtype)
   bias = mdl.param("bias", mdl.bias_init, (shape[-1],), mdl.param_dtype
                    ) if mdl.use_bias else None
   if mdl.stochastic is None:
     return r, v.value, None, None, bias
   idx = mdl.variable(FIXED, "idx", lambda: core.sample_dims(
       mdl.make_rng("params"), fan_in, size))
-  q_ref = mdl.variable(FIXED, "Q_ref", lambda: jax.lax.stop_gradient(
-      core.rotation(r, mdl.method)))
+  r0 = mdl.variable(FIXED, "R0", lambda: jax.lax.stop_gradient(r))
+  step = mdl.variable(FIXED, "step", lambda: jnp.zeros((), jnp.int32))
   if (mdl.is_mutable_collection(FIXED) and mdl.has_rng(SOPT_RNG)
       and not mdl.is_initializing()):
-    v.value, idx.value, q_ref.value = core.resample(
-        r, mdl.method, v.value, idx.value, q_ref.value, mdl.make_rng(SOPT_RNG))
-  return r, v.value, idx.value, q_ref.value, bias
+    v.value, idx.value, r0.value, step.value = core.sopt_advance(
+        r, mdl.method, v.value, idx.value, r0.value, step.value,
+        mdl.make_rng(SOPT_RNG), mdl.episode_length)
+  return r, v.value, idx.value, r0.value, bias
 
 
 def _export(mdl) -> dict:
   params, fixed = mdl.variables["params"], mdl.variables[FIXED]
-  w = core.kernel(params["R"], mdl.method, fixed["V"], fixed.get("idx"), fixed.get("Q_ref"))
+  w = core.kernel(params["R"], mdl.method, fixed["V"], fixed.get("idx"), fixed.get("R0"))
   out = {"kernel": w.astype(mdl.param_dtype)}
   if mdl.use_bias:
     out["bias"] = params["bias"]
@@ -74,7 +84,7 @@ class OrthogonalDense(nn.Module):
 
   ``V`` (``(in, features)``, drawn by ``kernel_init``) is fixed in the
   ``"fixed"`` collection; ``R`` (``(in, in)``, or ``(k, k)`` with
-  ``stochastic=k``) starts at the identity and is trained.
+  ``stochastic=k``) is trained.
 
   Attributes:
     features: output size.
@@ -83,24 +93,30 @@ class OrthogonalDense(nn.Module):
       :func:`optax_ortho.stiefel_sgd` (the paper's OGD).
     unit_norm: normalise the neurons (columns of ``V``) to unit norm.
     stochastic: S-OPT: rotate only this many sampled input coordinates.
-    use_bias, kernel_init, bias_init, dtype, param_dtype: as ``nn.Dense``
-      (``kernel_init`` draws ``V``).
+    episode_length: S-OPT training calls per episode (the authors' 750).
+    r_init: initializer of ``R``; ``None``: the authors' (``N(0, 1)`` for a
+      map, the identity for ``method=None`` and for S-OPT).
+    kernel_init: initializer of ``V``; ``None``: the authors'
+      ``N(0, 2/fan_in)``, untruncated.
+    use_bias, bias_init, dtype, param_dtype: as ``nn.Dense``.
   """
 
   features: int
   method: str | None = "cayley"
   unit_norm: bool = False
   stochastic: int | None = None
+  episode_length: int = core.EPISODE_LENGTH
+  r_init: Any = None
   use_bias: bool = True
-  kernel_init: Any = nn.initializers.lecun_normal()
+  kernel_init: Any = None
   bias_init: Any = nn.initializers.zeros_init()
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    r, v, idx, q_ref, bias = _parts(self, (x.shape[-1], self.features))
-    y = core.dense(x, r, self.method, v, idx, q_ref, self.dtype)
+    r, v, idx, r0, bias = _parts(self, (x.shape[-1], self.features))
+    y = core.dense(x, r, self.method, v, idx, r0, self.dtype)
     return core.add_bias(y, bias)
 
   def export(self) -> dict:
@@ -113,8 +129,9 @@ class OrthogonalConv(nn.Module):
 
   The neurons are the ``features`` filters, vectors of size
   ``prod(kernel_size) * in``; ``R`` is square of that size (or ``stochastic``).
-  ``method``, ``unit_norm``, ``stochastic``, ``use_bias``, ``kernel_init``,
-  ``bias_init``, ``dtype`` and ``param_dtype`` are as in :class:`OrthogonalDense`.
+  ``method``, ``unit_norm``, ``stochastic``, ``episode_length``, ``r_init``,
+  ``use_bias``, ``kernel_init``, ``bias_init``, ``dtype`` and ``param_dtype``
+  are as in `OrthogonalDense`.
 
   Attributes:
     features: number of filters.
@@ -130,8 +147,10 @@ class OrthogonalConv(nn.Module):
   method: str | None = "cayley"
   unit_norm: bool = False
   stochastic: int | None = None
+  episode_length: int = core.EPISODE_LENGTH
+  r_init: Any = None
   use_bias: bool = True
-  kernel_init: Any = nn.initializers.lecun_normal()
+  kernel_init: Any = None
   bias_init: Any = nn.initializers.zeros_init()
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -139,8 +158,8 @@ class OrthogonalConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = tuple(self.kernel_size) + (x.shape[-1], self.features)
-    r, v, idx, q_ref, bias = _parts(self, shape)
-    w = core.kernel(r, self.method, v, idx, q_ref)
+    r, v, idx, r0, bias = _parts(self, shape)
+    w = core.kernel(r, self.method, v, idx, r0)
     return core.add_bias(core.conv(x, w, self.strides, self.padding, self.dtype),
                          bias)
 

@@ -26,7 +26,8 @@ def _angles(kernel):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("stochastic", [None, 5])
 def test_linen_dense_trains_r_only_and_keeps_angles(method, stochastic):
-  layer = ortho_nn.OrthogonalDense(6, method=method, stochastic=stochastic)
+  layer = ortho_nn.OrthogonalDense(6, method=method, stochastic=stochastic,
+                                   episode_length=10)
   variables = layer.init(jax.random.key(0), X_DENSE)
   assert set(variables) == {"params", ortho_nn.FIXED}
   assert set(variables["params"]) == {"R", "bias"}
@@ -45,14 +46,14 @@ def test_linen_dense_trains_r_only_and_keeps_angles(method, stochastic):
       y, upd = layer.apply({"params": p, ortho_nn.FIXED: fixed}, X_DENSE,
                            rngs={ortho_nn.SOPT_RNG: key}, mutable=[ortho_nn.FIXED])
       return jnp.mean((y - 1.0) ** 2), upd[ortho_nn.FIXED]
-    (l, fixed), g = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, fixed), g = jax.value_and_grad(loss, has_aux=True)(params)
     u, state = tx.update(g, state, params)
-    return optax.apply_updates(params, u), fixed, state, l
+    return optax.apply_updates(params, u), fixed, state, value
 
   losses = []
   for i in range(30):
-    params, fixed, state, l = step(params, fixed, state, jax.random.key(i))
-    losses.append(float(l))
+    params, fixed, state, value = step(params, fixed, state, jax.random.key(i))
+    losses.append(float(value))
   assert losses[-1] < losses[0]
   if stochastic is None:
     np.testing.assert_array_equal(fixed["V"], v0)
@@ -77,19 +78,39 @@ def test_linen_export_matches_plain_layers(stochastic):
     np.testing.assert_allclose(y, y_plain, atol=1e-5)
 
 
-def test_sopt_resample_keeps_function_and_changes_coordinates():
-  layer = ortho_nn.OrthogonalConv(4, (3, 3), stochastic=6, method="cayley")
+@pytest.mark.parametrize("method", ["gram_schmidt", "householder"])
+def test_sopt_episodes_fold_resample_and_restart(method):
+  layer = ortho_nn.OrthogonalConv(4, (3, 3), stochastic=6, method=method,
+                                  episode_length=3)
   variables = layer.init(jax.random.key(0), X_CONV)
-  variables["params"]["R"] = jax.random.normal(jax.random.key(5), (6, 6))
-  y0 = layer.apply(variables, X_CONV)
-  y1, upd = layer.apply(variables, X_CONV, rngs={"sopt": jax.random.key(9)},
-                        mutable=[ortho_nn.FIXED])
-  np.testing.assert_allclose(y0, y1, atol=1e-5)
-  new = upd[ortho_nn.FIXED]
-  assert not np.array_equal(new["idx"], variables[ortho_nn.FIXED]["idx"])
-  # After the fold, R equals Q_ref: the active rotation is the identity.
-  q = optax_ortho.orthogonal_map(variables["params"]["R"])
-  np.testing.assert_allclose(new["Q_ref"], q, atol=1e-6)
+  fixed = variables[ortho_nn.FIXED]
+  # S-OPT starts at R = I: W = V.
+  np.testing.assert_array_equal(variables["params"]["R"], jnp.eye(6))
+  np.testing.assert_allclose(
+      layer.apply(variables, method="export")["kernel"], fixed["V"], atol=1e-6)
+  params = {"R": jax.random.normal(jax.random.key(5), (6, 6)),
+            "bias": variables["params"]["bias"]}
+  seen = []
+  for i in range(7):
+    y_before = layer.apply({"params": params, ortho_nn.FIXED: fixed}, X_CONV)
+    y, upd = layer.apply({"params": params, ortho_nn.FIXED: fixed}, X_CONV,
+                         rngs={"sopt": jax.random.key(9 + i)},
+                         mutable=[ortho_nn.FIXED])
+    # A fold never changes the layer's function.
+    np.testing.assert_allclose(y, y_before, atol=1e-5)
+    new = upd[ortho_nn.FIXED]
+    changed = not np.array_equal(new["idx"], fixed["idx"])
+    seen.append(changed)
+    if changed:
+      # Rotation folded into V and restarted at the identity: R0 = R.
+      np.testing.assert_array_equal(new["R0"], params["R"])
+    fixed = new
+    # R keeps training between folds.
+    params = dict(params, R=params["R"] + 0.1 * jax.random.normal(
+        jax.random.key(20 + i), (6, 6)))
+  # Resampled once per episode of 3 calls: at the 4th and 7th call.
+  assert seen == [False, False, False, True, False, False, True]
+  assert int(fixed["step"]) == 7
 
 
 def test_unit_norm_and_options():
@@ -100,6 +121,41 @@ def test_unit_norm_and_options():
     ortho_nn.OrthogonalDense(6, method="nope").init(jax.random.key(0), X_DENSE)
   with pytest.raises(ValueError, match="stochastic"):
     ortho_nn.OrthogonalDense(6, stochastic=13).init(jax.random.key(0), X_DENSE)
+  with pytest.raises(ValueError, match="episode_length"):
+    ortho_nn.OrthogonalDense(6, stochastic=3, episode_length=0).init(
+        jax.random.key(0), X_DENSE)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_authors_initialisations(method):
+  x = jnp.ones((2, 3, 3, 16))
+  for stochastic in (None, 20):
+    variables = ortho_nn.OrthogonalConv(
+        64, (3, 3), method=method, stochastic=stochastic).init(jax.random.key(0), x)
+    r, v = variables["params"]["R"], variables[ortho_nn.FIXED]["V"]
+    if method is None or stochastic is not None:
+      np.testing.assert_array_equal(r, jnp.eye(r.shape[0]))
+    else:
+      # R ~ N(0, 1).
+      assert abs(float(jnp.std(r)) - 1.0) < 0.02 and abs(float(jnp.mean(r))) < 0.02
+    # V ~ N(0, 2 / fan_in), untruncated (some draws beyond 2 sigma).
+    sigma = (2.0 / 144) ** 0.5
+    assert abs(float(jnp.std(v)) / sigma - 1.0) < 0.03
+    assert float(jnp.max(jnp.abs(v))) > 3.0 * sigma
+  layer = ortho_nnx.OrthogonalLinear(12, 4, method=method, rngs=nnx.Rngs(0))
+  if method is None:
+    np.testing.assert_array_equal(layer.R[...], jnp.eye(12))
+  else:
+    assert float(jnp.std(layer.R[...])) > 0.7
+
+
+def test_nnx_input_shape_error():
+  layer = ortho_nnx.OrthogonalLinear(8, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"OrthogonalLinear.*8 features.*\(2, 5\)"):
+    layer(jnp.ones((2, 5)))
+  conv = ortho_nnx.OrthogonalConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"OrthogonalConv.*3 features"):
+    conv(jnp.ones((1, 5, 5, 2)))
 
 
 @pytest.mark.parametrize("stochastic", [None, 4])
@@ -107,9 +163,9 @@ def test_nnx_layers_train_r_only(stochastic):
   class Net(nnx.Module):
     def __init__(self, rngs):
       self.conv = ortho_nnx.OrthogonalConv(3, 4, (3, 3), stochastic=stochastic,
-                                           rngs=rngs)
+                                           episode_length=5, rngs=rngs)
       self.dense = ortho_nnx.OrthogonalLinear(4, 2, stochastic=stochastic and 3,
-                                              rngs=rngs)
+                                              episode_length=5, rngs=rngs)
 
     def __call__(self, x):
       return self.dense(jnp.mean(nnx.relu(self.conv(x)), axis=(1, 2)))

@@ -1,10 +1,14 @@
 """orthogonal_map, orthogonality_penalty, hyperspherical_energy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import optax_ortho
 from optax_ortho._src.orthogonal_map import MAP_METHODS
@@ -32,14 +36,18 @@ def test_large_and_identity_and_jit(method):
   r = jax.random.normal(jax.random.key(0), (256, 256))
   assert _err(jax.jit(lambda r: optax_ortho.orthogonal_map(r, method=method))(r)) < 2e-5
   q = optax_ortho.orthogonal_map(jnp.eye(5), method=method)
-  expected = -jnp.eye(5) if method == "householder" else jnp.eye(5)
-  np.testing.assert_allclose(q, expected, atol=1e-6)
+  np.testing.assert_allclose(q, jnp.eye(5), atol=1e-6)
+  q4 = optax_ortho.orthogonal_map(jnp.eye(4), method=method)
+  # The authors' Householder QR has det (-1)^(n-1): its limit at I flips the last axis.
+  expected = jnp.diag(jnp.array([1.0, 1.0, 1.0, -1.0])) if method == "householder" else jnp.eye(4)
+  np.testing.assert_allclose(q4, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", MAP_METHODS)
 def test_differentiable_at_identity_and_random(method):
   w = jax.random.normal(jax.random.key(1), (6, 6))
-  loss = lambda r: jnp.sum(optax_ortho.orthogonal_map(r, method=method) * w)
+  def loss(r):
+    return jnp.sum(optax_ortho.orthogonal_map(r, method=method) * w)
   for r in (jnp.eye(6), jax.random.normal(jax.random.key(2), (6, 6))):
     g = jax.grad(loss)(r)
     assert bool(jnp.isfinite(g).all())
@@ -63,8 +71,10 @@ def test_bad_input():
     optax_ortho.orthogonal_map(jnp.eye(3, dtype=jnp.int32))
   with pytest.raises(ValueError, match="power"):
     optax_ortho.hyperspherical_energy(jnp.ones((3, 2)), power=-1.0)
-  with pytest.raises(ValueError, match="2 neurons"):
-    optax_ortho.hyperspherical_energy(jnp.ones((3, 1)))
+  with pytest.raises(ValueError, match="convention"):
+    optax_ortho.hyperspherical_energy(jnp.ones((3, 2)), convention="tf")
+  # One neuron: no pairs, energy 0.
+  assert float(optax_ortho.hyperspherical_energy(jnp.ones((3, 1)))) == 0.0
 
 
 @given(shape=st.sampled_from([(8, 5), (16, 16), (3, 3, 2, 6), (4, 12)]),
@@ -110,3 +120,104 @@ def test_orthogonality_penalty():
       optax_ortho.orthogonality_penalty(conv.reshape(3, 3, 2, 5)), 0.0, atol=1e-5)
   g = jax.grad(optax_ortho.orthogonality_penalty)(jnp.ones((4, 3)))
   assert bool(jnp.isfinite(g).all())
+
+
+def _householder_reference(r):
+  """The authors' loop (opt_hr) in NumPy, float64: Q = H_1 ... H_{n-1}."""
+  r = np.array(r, np.float64)
+  n = r.shape[0]
+  q = np.eye(n)
+  for k in range(n - 1):
+    x = r[k:, k]
+    u = x.copy()
+    u[0] -= np.linalg.norm(x)
+    v = u / np.linalg.norm(u)
+    h = np.eye(n)
+    h[k:, k:] -= 2.0 * np.outer(v, v)
+    r = h @ r
+    q = q @ h.T
+  return q
+
+
+def _gram_schmidt_rows(r):
+  r = np.array(r, np.float64)
+  basis = [r[0] / np.linalg.norm(r[0])]
+  for v in r[1:]:
+    w = v - sum((v @ b) * b for b in basis)
+    basis.append(w / np.linalg.norm(w))
+  return np.stack(basis)
+
+
+def _cayley_triu(r):
+  r = np.array(r, np.float64)
+  s = np.triu(r) - np.triu(r).T
+  eye = np.eye(r.shape[0])
+  return (eye + s) @ np.linalg.inv(eye - s)
+
+
+@settings(max_examples=10)
+@given(n=st.sampled_from([1, 2, 3, 5, 8]), seed=st.integers(0, 999))
+def test_maps_are_the_authors_maps(n, seed):
+  r = jax.random.normal(jax.random.key(seed), (n, n))
+  for method, ref in (("householder", _householder_reference),
+                      ("gram_schmidt", _gram_schmidt_rows),
+                      ("cayley", _cayley_triu)):
+    np.testing.assert_allclose(
+        optax_ortho.orthogonal_map(r, method=method), ref(r), atol=2e-4,
+        err_msg=method)
+
+
+def test_cayley_gradient_lives_on_the_strict_upper_triangle():
+  r = jax.random.normal(jax.random.key(0), (5, 5))
+  g = jax.random.normal(jax.random.key(1), (5, 5))
+  dr = jax.grad(lambda r: jnp.sum(optax_ortho.orthogonal_map(r) * g))(r)
+  np.testing.assert_array_equal(jnp.tril(dr), 0.0)
+  # At R = I (S = 0, Q = I + 2S + ...): dR = 2 (G - G^T) on the strict upper part.
+  dr_i = jax.grad(lambda r: jnp.sum(optax_ortho.orthogonal_map(r) * g))(jnp.eye(5))
+  np.testing.assert_allclose(dr_i, 2.0 * jnp.triu(g - g.T, 1), atol=1e-6)
+
+
+def test_householder_limit_where_the_authors_divide_by_zero():
+  # Upper-triangular R (I included): their |u| = 0. The limit along R + tI.
+  for n in (2, 3, 4):
+    upper = jnp.triu(jax.random.normal(jax.random.key(n), (n, n)), 1)
+    expected = jnp.diag(jnp.array([1.0] * (n - 1) + [(-1.0) ** (n - 1)]))
+    for r in (upper, jnp.eye(n), upper + jnp.eye(n)):
+      q = optax_ortho.orthogonal_map(r, method="householder")
+      np.testing.assert_allclose(q, expected, atol=1e-6)
+      # At a singular R the map is discontinuous: the limit is along R + tI.
+      near = optax_ortho.orthogonal_map(r + 1e-3 * jnp.eye(n), method="householder")
+      np.testing.assert_allclose(near, q, atol=1e-5)
+    # A derivative at I, and it is finite.
+    g = jax.grad(lambda r: jnp.sum(optax_ortho.orthogonal_map(
+        r, method="householder")))(jnp.eye(n))
+    assert bool(jnp.isfinite(g).all())
+
+
+def test_energy_authors_convention():
+  w = jax.random.normal(jax.random.key(0), (6, 5))
+  unit = w / jnp.sqrt(jnp.sum(w * w, 0) + 1e-4)
+  d2 = 2.0 - 2.0 * unit.T @ unit
+  iu = np.triu_indices(5, 1)
+  for power, f in ((0.0, -jnp.log(d2)), (1.0, d2 ** -0.5), (2.0, 1.0 / d2)):
+    np.testing.assert_allclose(
+        optax_ortho.hyperspherical_energy(w, power=power, convention="authors"),
+        jnp.mean(f[iu]), rtol=1e-5)
+  # s = 0: theirs is -log(d^2), twice the paper's log(1/d) (up to their 1e-4).
+  np.testing.assert_allclose(
+      optax_ortho.hyperspherical_energy(w, power=0.0, convention="authors"),
+      2.0 * optax_ortho.hyperspherical_energy(w, power=0.0), rtol=1e-3)
+
+
+def test_energy_zero_neuron_value_and_gradient_finite():
+  w = jnp.concatenate([jax.random.normal(jax.random.key(0), (4, 3)),
+                       jnp.zeros((4, 1))], axis=1)
+  for power in (0.0, 1.0, 2.0):
+    e, g = jax.value_and_grad(functools.partial(
+        optax_ortho.hyperspherical_energy, power=power))(w)
+    assert bool(jnp.isfinite(e)) and bool(jnp.isfinite(g).all())
+    # The zero neuron sits at the origin: distance 1 to every unit neuron.
+    others = optax_ortho.hyperspherical_energy(w[:, :3], power=power)
+    # 6 of the 12 ordered pairs have distance 1: f_s(1) = 1, f_0(1) = 0.
+    expected = (6 * others + 6 * (1.0 if power > 0 else 0.0)) / 12
+    np.testing.assert_allclose(e, expected, rtol=1e-5)

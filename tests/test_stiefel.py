@@ -7,11 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import optax_ortho
 from tests import contract
-from tests.contract import ContractCase, contract_suite
+from tests.contract import ContractCase
+from tests.contract import contract_suite
 
 CASE = ContractCase(
     name="stiefel_sgd",
@@ -27,7 +30,8 @@ test_contract = contract_suite([CASE])
 
 
 def test_rosenbrock_unmasked():
-  no_manifold = lambda p: jax.tree.map(lambda _: False, p)
+  def no_manifold(p):
+    return jax.tree.map(lambda _: False, p)
   contract.check_rosenbrock(ContractCase(
       name="stiefel_sgd[mask=none]",
       make=functools.partial(optax_ortho.stiefel_sgd, mask=no_manifold),
@@ -60,7 +64,8 @@ def test_iterates_stay_on_manifold(n, p_frac, seed):
   p = max(1, int(n * p_frac))
   k1, k2 = jax.random.split(jax.random.key(seed))
   target = jax.random.normal(k2, (n, p))
-  loss = lambda w: jnp.sum(jnp.sin(3.0 * w["w"] - target)) + jnp.sum(w["b"] ** 2)
+  def loss(w):
+    return jnp.sum(jnp.sin(3.0 * w["w"] - target)) + jnp.sum(w["b"] ** 2)
   params = {"w": _orthonormal(k1, n, p), "b": jnp.ones(3)}
   params, _ = _run(optax_ortho.stiefel_sgd(0.1, 0.9), loss, params, 30)
   assert _ortho_error(params["w"]) < 1e-5
@@ -72,7 +77,8 @@ def test_thousands_of_steps_stay_orthonormal():
             "square": _orthonormal(keys[1], 16, 16),
             "conv": _orthonormal(keys[2], 18, 4).reshape(3, 3, 2, 4)}
   mask = {"tall": True, "square": True, "conv": True}
-  loss = lambda w: sum(jnp.sum(jnp.cos(5.0 * x)) for x in jax.tree.leaves(w))
+  def loss(w):
+    return sum(jnp.sum(jnp.cos(5.0 * x)) for x in jax.tree.leaves(w))
   params, _ = _run(optax_ortho.stiefel_sgd(0.05, 0.9, mask=mask), loss, params,
                    3000)
   for x in jax.tree.leaves(params):
@@ -98,7 +104,8 @@ def test_procrustes_reaches_optimum(n, extra, seed):
   ka, kb, kx = jax.random.split(jax.random.key(seed), 3)
   a = jax.random.normal(ka, (p, 2 * n))
   b = jax.random.normal(kb, (n, 2 * n))
-  loss = lambda x: jnp.sum(jnp.square(x @ a - b))
+  def loss(x):
+    return jnp.sum(jnp.square(x @ a - b))
   x_star = optax_ortho.polar(b @ a.T)
   x0 = _orthonormal(kx, n, p)
   if n == p and jnp.linalg.det(x0) * jnp.linalg.det(x_star) < 0:
@@ -136,3 +143,30 @@ def test_bad_input():
     tx.update({"w": w, "v": w}, tx.init({"w": w, "v": w}), {"w": w, "v": w})
   with pytest.raises(ValueError, match="params"):
     tx.update({"w": w}, tx.init({"w": w}))
+
+
+def _authors_skew(x, m):
+  # opt_ogd/architecture.py: their momentum is -M; W = What - What^T.
+  mk = -m
+  wk = mk @ x.T - 0.5 * x @ ((x.T @ mk) @ x.T)
+  return wk - wk.T
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (5, 4)])  # rank-2p and direct solve
+@pytest.mark.parametrize("scale", [0.1, 100.0])
+def test_step_clamp_is_the_authors(shape, scale):
+  x = np.asarray(_orthonormal(jax.random.key(0), *shape), np.float64)
+  g = scale * np.asarray(jax.random.normal(jax.random.key(1), shape), np.float64)
+  lr = 0.5
+  w = _authors_skew(x, g)
+  for clamp in (True, False):
+    a = min(lr, 1.0 / (np.linalg.norm(w) + 1e-8)) if clamp else lr
+    eye = np.eye(shape[0])
+    # Exact Cayley step along their W (their momentum is -M, hence the signs).
+    expected = np.linalg.solve(eye - 0.5 * a * w, (eye + 0.5 * a * w) @ x)
+    tx = optax_ortho.stiefel_sgd(lr, 0.9, clamp_step=clamp)
+    xj = jnp.asarray(x, jnp.float32)
+    u, _ = tx.update(jnp.asarray(g, jnp.float32), tx.init(xj), xj)
+    np.testing.assert_allclose(xj + u, expected, atol=2e-5)
+  with pytest.raises(TypeError, match="clamp_step"):
+    optax_ortho.stiefel_sgd(0.1, clamp_step=1)

@@ -2,17 +2,21 @@
 
 `orthogonal_map` turns an unconstrained square matrix into an orthogonal one;
 `orthogonality_penalty` and `hyperspherical_energy` measure a layer's neurons.
-Every LAPACK call (solve, QR, SVD) runs on one matrix at a time through
-`jax.lax.map`, never as a batched kernel (DESIGN.md, "Platform hazards").
+The maps are those of the authors' released code (wy1iu/OPT). Every LAPACK
+call (solve, QR, SVD) runs on one finite matrix at a time through `jax.lax.map`,
+never as a batched kernel (DESIGN.md, "Platform hazards").
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
+from optax_ortho._src import checks
 from optax_ortho._src import polar as polar_lib
 
 OrthogonalMapMethod = Literal["cayley", "gram_schmidt", "householder", "lowdin"]
@@ -30,35 +34,47 @@ def _matmul(a, b):
 
 
 def _cayley(r: jax.Array) -> jax.Array:
-  # Q = (I - A)^{-1} (I + A) with A the skew part: I - A has singular values
-  # >= 1, so the solve is always well conditioned.
+  # The authors' map (wy1iu/OPT, opt_cp): S = triu(R) - triu(R)^T, so only the
+  # strict upper triangle of R matters (the diagonal cancels) and dR is
+  # G_S - G_S^T there, zero elsewhere. Q = (I + S)(I - S)^{-1} equals
+  # (I - S)^{-1}(I + S) (the factors commute); I - S has singular values >= 1,
+  # so the solve is always well conditioned.
   n = r.shape[-1]
-  a = 0.5 * (r - r.T)
+  upper = jnp.triu(r)
+  s = upper - upper.T
   eye = jnp.eye(n, dtype=r.dtype)
-  return jnp.linalg.solve(eye - a, eye + a)
+  return jnp.linalg.solve(eye - s, eye + s)
 
 
-def _gram_schmidt(r: jax.Array) -> jax.Array:
-  # Householder QR equals Gram-Schmidt on the columns once the signs are fixed
-  # so that diag(R) > 0, which also makes the map continuous.
+def _positive_qr(r: jax.Array) -> jax.Array:
+  # Q of R = Q T with diag(T) >= 0: unique and continuous for a non-singular R,
+  # and the Q that Gram-Schmidt produces.
   q, t = jnp.linalg.qr(r)
   sign = jnp.where(jnp.diagonal(t) < 0, -1.0, 1.0).astype(r.dtype)
   return q * sign
 
 
+def _gram_schmidt(r: jax.Array) -> jax.Array:
+  # The authors' `tf_gram_schmidt` (opt_gs) orthonormalises the ROWS of R:
+  # R = L Q with L lower triangular, diag(L) > 0, i.e. Q^T is the positive QR
+  # factor of R^T. Householder QR computes it without the loss of
+  # orthogonality of classical Gram-Schmidt; Q and dQ/dR are the same.
+  return _positive_qr(r.T).T
+
+
 def _householder(r: jax.Array) -> jax.Array:
-  # Product H_1 ... H_n of the reflections about the columns u_i of tril(R),
-  # in the compact WY form Q = I - U T^{-1} U^T, T = striu(U^T U) + diag(|u_i|^2/2)
-  # (Joffrain et al. 2006): one triangular solve instead of n sequential products.
+  # The authors' Householder QR (opt_hr): reflections H_k about
+  # u = x - |x| e_1 for the columns x = R[k:, k], k < n - 1, so Q = H_1...H_{n-1}
+  # has det (-1)^(n-1) and Q^T R has a non-negative diagonal except its last
+  # entry. That Q is the positive QR factor with its last column times
+  # s = (-1)^(n-1) det(Q+). Theirs divides by |u| = 0 (NaN) when a column is
+  # already a multiple of e_1 (R = I, triangular R); this form is the limit
+  # there (along R + tI, t -> 0+), and equal to theirs everywhere else.
   n = r.shape[-1]
-  u = jnp.tril(r)
-  gram = _matmul(u.T, u)
-  tau = 0.5 * jnp.diagonal(gram)
-  # A zero column is the identity, not a singular T.
-  tau = jnp.where(tau > 0, tau, 1.0)
-  t = jnp.triu(gram, 1) + jnp.diag(tau)
-  x = jax.scipy.linalg.solve_triangular(t, u.T, lower=False)
-  return jnp.eye(n, dtype=r.dtype) - _matmul(u, x)
+  q = _positive_qr(r)
+  det = jnp.linalg.det(jax.lax.stop_gradient(q))
+  s = jnp.where(det < 0, -1.0, 1.0).astype(r.dtype) * (-1.0) ** (n - 1)
+  return q.at[:, -1].multiply(s)
 
 
 @jax.custom_jvp
@@ -81,7 +97,7 @@ def _lowdin_jvp(primals, tangents):
   return q, _matmul(_matmul(u, omega), vt)
 
 
-_MAPS = {
+_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "cayley": _cayley,
     "gram_schmidt": _gram_schmidt,
     "householder": _householder,
@@ -102,33 +118,43 @@ def orthogonal_map(
 ) -> jax.Array:
   r"""Maps an unconstrained square matrix (or a batch) to an orthogonal one.
 
-  The maps OPT learns its orthogonal transformations with:
+  The maps OPT learns its orthogonal transformations with, exactly as in the
+  authors' released code (wy1iu/OPT), value and derivative:
 
-  * ``"cayley"``: :math:`Q = (I - A)^{-1}(I + A)` with :math:`A = (R -
-    R^\top)/2` the skew part of :math:`R`. Covers the rotations without
-    eigenvalue :math:`-1` (so :math:`\det Q = 1`); :math:`R = 0` or any
-    symmetric :math:`R` gives :math:`I`.
-  * ``"gram_schmidt"``: Gram-Schmidt on the columns of :math:`R` (computed as a
-    QR factorisation with :math:`\operatorname{diag}(R_{QR}) > 0`).
-  * ``"householder"``: :math:`Q = H_1 \cdots H_n`, the product of the
-    reflections about the columns of the lower-triangular part of :math:`R`
-    (every orthogonal matrix is such a product); a zero column reflects
-    nothing. :math:`R = I` gives :math:`-I`.
-  * ``"lowdin"``: symmetric orthogonalisation :math:`R (R^\top R)^{-1/2}`, the
-    orthogonal matrix closest to :math:`R`. Its derivative is implemented in
-    closed form, finite at repeated singular values (such as :math:`R = I`).
+  * `"cayley"` (`opt_cp`): $Q = (I + S)(I - S)^{-1}$ with
+    $S = \operatorname{triu}(R) - \operatorname{triu}(R)^\top$: only the strict
+    upper triangle of $R$ is used, and $\partial L / \partial R$ is
+    $G_S - G_S^\top$ there and zero on and below the diagonal. Covers the
+    rotations without eigenvalue $-1$; $R = I$ (any lower-triangular $R$)
+    gives $I$.
+  * `"gram_schmidt"` (`opt_gs`, `tf_gram_schmidt`): Gram-Schmidt on the ROWS
+    of $R$, i.e. $R = L Q$ with $L$ lower triangular and $\operatorname{diag}(L)
+    > 0$ (computed by a Householder QR of $R^\top$, which stays orthogonal
+    where classical Gram-Schmidt loses it). $R = I$ gives $I$.
+  * `"householder"` (`opt_hr`): their Householder QR of $R$, $Q = H_1 \cdots
+    H_{n-1}$ with $H_k$ the reflection that maps column $k$ of the partly
+    reduced $R$ onto $+\|x\| e_k$. $\det Q = (-1)^{n-1}$. Their code is NaN
+    when a column is already on $e_k$ (for $R = I$ and any upper-triangular
+    $R$); here it is the limit along $R + tI$, $t \to 0^+$:
+    $R = I$ gives $\operatorname{diag}(1, \dots, 1, (-1)^{n-1})$.
+  * `"lowdin"` (`opt_ls`): symmetric orthogonalisation $U V^\top$ for $R = U
+    \Sigma V^\top$, the orthogonal matrix closest to $R$. Its derivative is
+    implemented in closed form, finite at repeated singular values (such as
+    $R = I$).
 
-  All are differentiable and jittable; for a non-singular :math:`R`
-  (``"gram_schmidt"`` and ``"lowdin"`` need one),
-  :math:`Q^\top Q = I` to float32 precision. Computation is in float32 (or
-  higher); the result has the input's dtype.
+  All are differentiable and jittable. `"gram_schmidt"` and `"householder"`
+  need a non-singular $R$ for a derivative (they are discontinuous at singular
+  $R$); their value is orthogonal for every finite $R$. Computation is in
+  float32 (or higher); the result has the input's dtype. A matrix with a NaN or
+  Inf gives a NaN matrix (and no other matrix of the batch is affected); it
+  never reaches a LAPACK kernel.
 
   Args:
-    r: array of shape ``(..., n, n)``.
-    method: ``"cayley"``, ``"gram_schmidt"``, ``"householder"`` or ``"lowdin"``.
+    r: array of shape `(..., n, n)`.
+    method: `"cayley"`, `"gram_schmidt"`, `"householder"` or `"lowdin"`.
 
   Returns:
-    An orthogonal matrix (or batch) of the shape and dtype of ``r``.
+    An orthogonal matrix (or batch) of the shape and dtype of `r`.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -139,11 +165,9 @@ def orthogonal_map(
     True
 
   References:
-    Liu, Lin, Liu, Rehg, Paull, Xiong, Song, Weller, `Orthogonal
-    Over-Parameterized Training <https://arxiv.org/abs/2004.04690>`_, CVPR 2021.
-
-    Joffrain, Low, Quintana-Ortí, van de Geijn, van Zee, Accumulating
-    Householder transformations, revisited, ACM TOMS 32(2), 2006.
+    Liu, Lin, Liu, Rehg, Paull, Xiong, Song, Weller, [Orthogonal
+    Over-Parameterized Training](https://arxiv.org/abs/2004.04690), CVPR 2021;
+    code: <https://github.com/wy1iu/OPT>.
   """
   check_map_method(method)
   polar_lib.check_float(r, "r")
@@ -153,16 +177,15 @@ def orthogonal_map(
         f" {r.shape}."
     )
   n = r.shape[-1]
-  if n == 0:
+  if r.size == 0:
     return r
   compute = jnp.promote_types(r.dtype, jnp.float32)
-  a = r.astype(compute)
+  # A non-finite matrix must not reach LAPACK (jaxlib's CPU kernels can spin
+  # forever on an Inf): it is zeroed there and its result replaced by NaN.
+  a, ok = checks.lapack_input(r.astype(compute).reshape((-1, n, n)))
   fn = _MAPS[method]
-  if a.ndim == 2:
-    q = fn(a)
-  else:
-    q = jax.lax.map(fn, a.reshape((-1, n, n))).reshape(a.shape)
-  return q.astype(r.dtype)
+  q = fn(a[0])[None] if a.shape[0] == 1 else jax.lax.map(fn, a)
+  return checks.poison(q, ok).reshape(r.shape).astype(r.dtype)
 
 
 def neuron_matrix(kernel: jax.Array, name: str = "kernel") -> jax.Array:
@@ -173,7 +196,9 @@ def neuron_matrix(kernel: jax.Array, name: str = "kernel") -> jax.Array:
         f"{name} must have ndim >= 2 (..., neurons), got shape {kernel.shape}."
     )
   compute = jnp.promote_types(kernel.dtype, jnp.float32)
-  return kernel.astype(compute).reshape((-1, kernel.shape[-1]))
+  # Not reshape(-1, ...): that divides by zero for a kernel with no neurons.
+  rows = math.prod(kernel.shape[:-1])
+  return kernel.astype(compute).reshape((rows, kernel.shape[-1]))
 
 
 def orthogonality_penalty(kernel: jax.Array) -> jax.Array:
@@ -184,6 +209,10 @@ def orthogonality_penalty(kernel: jax.Array) -> jax.Array:
   others are flattened, as for :func:`hyperspherical_energy`). The penalty is
   zero exactly when the neurons are orthonormal, which needs
   ``neurons <= fan_in``. Not squared: add ``penalty ** 2`` for the squared form.
+  It equals the authors' OR penalty (wy1iu/OPT, `opt_or`,
+  `add_orthogonal_constraint`) applied to their (neurons, fan-in) matrix; its
+  gradient at the minimum is 0 (theirs is NaN there). A kernel with no neurons
+  gives 0.
 
   Args:
     kernel: a Flax ``Dense`` kernel ``(in, out)``, ``Conv`` kernel
@@ -199,37 +228,50 @@ def orthogonality_penalty(kernel: jax.Array) -> jax.Array:
   """
   n = neuron_matrix(kernel)
   gram = _matmul(n.T, n)
-  return jnp.linalg.norm(gram - jnp.eye(gram.shape[0], dtype=gram.dtype))
+  sq = jnp.sum(jnp.square(gram - jnp.eye(gram.shape[0], dtype=gram.dtype)))
+  # Gradient 0 (not NaN) at the minimum, where the norm is not differentiable.
+  return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
 def hyperspherical_energy(
-    kernel: jax.Array, *, power: float = 1.0, eps: float = 1e-6
+    kernel: jax.Array,
+    *,
+    power: float = 1.0,
+    eps: float = 1e-6,
+    convention: Literal["paper", "authors"] = "paper",
 ) -> jax.Array:
   r"""Mean pairwise hyperspherical energy of a layer's neurons.
 
-  The neurons are the kernel's last axis (Flax layout: a ``Dense`` kernel
-  ``(in, out)`` has ``out`` neurons in :math:`\mathbb{R}^{in}`, a conv kernel
-  ``(kh, kw, in, out)`` has ``out`` neurons in :math:`\mathbb{R}^{kh\,kw\,in}`).
-  With :math:`\hat w_i = w_i / \|w_i\|`, the energy is
+  The neurons are the kernel's last axis (Flax layout: a `Dense` kernel
+  `(in, out)` has `out` neurons in $\mathbb{R}^{in}$, a conv kernel
+  `(kh, kw, in, out)` has `out` neurons in $\mathbb{R}^{kh\,kw\,in}$).
+  With $\hat w_i = w_i / \|w_i\|$, the energy is
 
-  .. math::
-
-     E_s = \frac{1}{N(N-1)} \sum_{i \ne j} f_s(\|\hat w_i - \hat w_j\|),
-     \quad f_s(z) = z^{-s} \; (s > 0), \quad f_0(z) = \log(1/z),
+  $$E_s = \frac{1}{N(N-1)} \sum_{i \ne j} f_s(\|\hat w_i - \hat w_j\|),
+  \quad f_s(z) = z^{-s} \; (s > 0), \quad f_0(z) = \log(1/z),$$
 
   the MHE energy of Liu et al. (2018) divided by the number of ordered pairs so
   that layers of different widths compare. Lower means more diverse neurons.
   It depends only on the angles between neurons, so it is invariant to any
   rotation or reflection applied to all neurons together, which is why OPT
-  (``W = Q V``, ``Q`` orthogonal) keeps it at its random-initialisation value.
+  (`W = Q V`, `Q` orthogonal) keeps it at its random-initialisation value.
 
-  Distances are floored at ``eps`` (two identical neurons give a large,
-  finite energy) and a zero neuron is treated as the origin.
+  With `convention="paper"` (the default) distances are floored at `eps`
+  (two identical neurons give a large, finite energy) and a neuron of norm
+  below `eps` is treated as the origin; value and gradient are finite for
+  every finite kernel, zero neurons included. `convention="authors"`
+  reproduces the released code (wy1iu/MHE, `code/architecture.py`,
+  `_add_thomson_constraint`, powers 0, 1, 2): neuron norms
+  $\sqrt{\|w\|^2 + 10^{-4}}$, squared distances $2 - 2\cos$ with no floor,
+  and for $s = 0$ the energy $-\log(d^2) = 2\log(1/d)$, twice the paper's;
+  `eps` is then unused. A kernel with fewer than two neurons (or no entries)
+  has no pairs: its energy is 0.
 
   Args:
-    kernel: array with ``ndim >= 2`` and at least two neurons.
-    power: :math:`s \ge 0`.
-    eps: floor on pairwise distances and neuron norms.
+    kernel: array with `ndim >= 2`.
+    power: $s \ge 0$.
+    eps: floor on pairwise distances and neuron norms (`"paper"` only).
+    convention: `"paper"` or `"authors"` (see above).
 
   Returns:
     A float32 scalar.
@@ -243,24 +285,36 @@ def hyperspherical_energy(
     True
 
   References:
-    Liu, Lin, Liu, Liu, Yu, Dai, Song, `Learning towards Minimum Hyperspherical
-    Energy <https://arxiv.org/abs/1805.09298>`_, NeurIPS 2018.
+    Liu, Lin, Liu, Liu, Yu, Dai, Song, [Learning towards Minimum Hyperspherical
+    Energy](https://arxiv.org/abs/1805.09298), NeurIPS 2018; code:
+    <https://github.com/wy1iu/MHE>.
   """
-  if not isinstance(power, (int, float)) or isinstance(power, bool) or power < 0:
-    raise ValueError(f"power must be a Python number >= 0, got {power!r}.")
+  checks.hyperparam(power, "power", ">= 0", lambda v: v >= 0, schedule=False)
+  checks.hyperparam(eps, "eps", "> 0", lambda v: v > 0, schedule=False)
+  if convention not in ("paper", "authors"):
+    raise ValueError(
+        f"convention must be 'paper' or 'authors', got {convention!r}.")
   n = neuron_matrix(kernel)
   num = n.shape[1]
-  if num < 2:
-    raise ValueError(
-        f"kernel must have at least 2 neurons (last axis), got shape"
-        f" {kernel.shape}."
-    )
-  norms = jnp.linalg.norm(n, axis=0, keepdims=True)
-  unit = n / jnp.maximum(norms, eps)
+  if num < 2 or n.size == 0:
+    return jnp.zeros((), n.dtype)
+  off = 1.0 - jnp.eye(num, dtype=n.dtype)
+  sq_norm = jnp.sum(n * n, axis=0, keepdims=True)
+  if convention == "authors":
+    unit = n / jnp.sqrt(sq_norm + 1e-4)
+    # Their diagonal gets +1 before the log/power; it is masked out anyway.
+    d2 = 2.0 - 2.0 * _matmul(unit.T, unit) + (1.0 - off)
+    f = -jnp.log(d2) if power == 0 else d2 ** (-0.5 * float(power))
+    return jnp.sum(f * off) / (num * (num - 1))
+  # sqrt only above eps^2: the derivative of |w| at w = 0 is NaN.
+  big = sq_norm > eps * eps
+  norms = jnp.sqrt(jnp.where(big, sq_norm, eps * eps))
+  unit = jnp.where(big, n / norms, 0.0)
   sq = jnp.sum(unit * unit, axis=0)
-  # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b; floored so the sqrt and power stay finite.
+  # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b; floored so the sqrt and power stay
+  # finite, and the diagonal (d = 0) replaced before the sqrt for its gradient.
   d2 = sq[:, None] + sq[None, :] - 2.0 * _matmul(unit.T, unit)
-  dist = jnp.sqrt(jnp.maximum(d2, eps * eps))
+  d2 = jnp.where(off > 0, jnp.maximum(d2, eps * eps), 1.0)
+  dist = jnp.sqrt(d2)
   f = -jnp.log(dist) if power == 0 else dist ** (-float(power))
-  off = 1.0 - jnp.eye(num, dtype=f.dtype)
   return jnp.sum(f * off) / (num * (num - 1))

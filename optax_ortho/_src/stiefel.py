@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -11,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ortho._src import checks
 from optax_ortho._src import matrix_view as mv
-from optax_ortho._src import polar as polar_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -59,7 +60,9 @@ def _resolve_mask(updates, mask) -> list[bool]:
       raise TypeError(
           f"mask leaf at {jax.tree_util.keystr(path)} must be a Python bool,"
           f" got {m!r}.")
-    if m and (x.ndim < 2 or x.shape[-1] > x.size // max(x.shape[-1], 1)):
+    # An empty leaf passes through (zero update) whatever its shape.
+    if m and (x.ndim < 2 or (
+        x.size and x.shape[-1] > math.prod(x.shape[:-1]))):
       raise ValueError(
           f"mask selects the leaf {jax.tree_util.keystr(path)} of shape"
           f" {x.shape} for the Stiefel manifold, which needs a matrix view"
@@ -68,13 +71,27 @@ def _resolve_mask(updates, mask) -> list[bool]:
   return out
 
 
+def _full_polar(x: jax.Array) -> jax.Array:
+  """U V^T of each (n, p) matrix of a finite stack, one SVD at a time.
+
+  Unlike the pseudo-polar factor of `orthonormalize`, the null directions of
+  a rank-deficient (or zero) matrix are filled from the SVD's own basis: the
+  result is always a point of the manifold, one of the closest to `x`.
+  """
+  def one(a):
+    u, _, vt = jnp.linalg.svd(a, full_matrices=False)
+    return _mm(u, vt)
+  return jax.lax.map(one, x)
+
+
 def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
-  """Brings a (k, n, p) stack back onto the manifold before a step.
+  """Brings a finite (k, n, p) stack back onto the manifold before a step.
 
   Near it (max |X^T X - I| <= tol) one Newton-Schulz step X (3I - X^T X) / 2
   squares the error, so float32 rounding never accumulates over steps. Farther
-  (a random initialisation), the stack is replaced by its closest orthonormal
-  matrices, the polar factors; that SVD runs only on such a step.
+  (a random initialisation, a zero or rank-deficient matrix), the stack is
+  replaced by closest orthonormal matrices, polar factors with the null
+  directions filled; that SVD runs only on such a step.
   """
   p = x.shape[-1]
   eye = jnp.eye(p, dtype=x.dtype)
@@ -82,46 +99,53 @@ def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
   off = jnp.max(jnp.abs(gram - eye))
   return jax.lax.cond(
       off > tol,
-      lambda: polar_lib.polar_stack(x, "svd"),
+      lambda: _full_polar(x),
       lambda: _mm(x, 1.5 * eye - 0.5 * gram),
   )
 
 
-def _cayley_step(x: jax.Array, m: jax.Array, lr: jax.Array):
+def _cayley_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool):
   """One Cayley SGD step (Li et al. 2020, Alg. 2) on a (k, n, p) stack.
 
   With P = M - X (X^T M) / 2 the skew matrix is W = P X^T - X P^T, the tangent
   momentum W X = M - X sym(X^T M), and the new iterate the exact Cayley
-  transform (I + lr/2 W)^{-1} (I - lr/2 W) X, which keeps X^T X exactly. Li et
-  al. approximate it with a fixed-point iteration; it is solved exactly here:
-  directly when n <= 2p, else through the rank-2p form W = U V^T,
+  transform (I + a/2 W)^{-1} (I - a/2 W) X, which keeps X^T X exactly, with
+  a = min(lr, 1 / (|W|_F + 1e-8)) per matrix when `clamp` (Li et al.'s step
+  clamp, as in the OPT authors' OGD) and a = lr otherwise. Li et al.
+  approximate the transform with a fixed-point iteration; it is solved exactly
+  here: directly when n <= 2p, else through the rank-2p form W = U V^T,
   U = [P, X], V = [X, -P] (Wen & Yin 2013), with a 2p x 2p solve.
   """
   n, p = x.shape[-2:]
   xtm = _mm(_mT(x), m)
   pm = m - 0.5 * _mm(x, xtm)
   tangent = m - _mm(x, 0.5 * (xtm + _mT(xtm)))
-  half = 0.5 * lr
+  u = jnp.concatenate([pm, x], axis=-1)
+  v = jnp.concatenate([x, -pm], axis=-1)
+  a = jnp.broadcast_to(lr, x.shape[:1]).astype(x.dtype)
+  if clamp:
+    # |W|_F^2 = tr(V U^T U V^T) = sum((U^T U) * (V^T V)), O(n p^2).
+    w_sq = jnp.sum(_mm(_mT(u), u) * _mm(_mT(v), v), axis=(-2, -1))
+    a = jnp.minimum(a, 1.0 / (jnp.sqrt(jnp.maximum(w_sq, 0.0)) + 1e-8))
+  half = (0.5 * a)[:, None, None]
   if n <= 2 * p:
     w = _mm(pm, _mT(x)) - _mm(x, _mT(pm))
     eye = jnp.eye(n, dtype=x.dtype)
 
     def one(args):
-      w, x = args
-      return jnp.linalg.solve(eye + half * w, _mm(eye - half * w, x))
+      w, x, h = args
+      return jnp.linalg.solve(eye + h * w, _mm(eye - h * w, x))
 
-    new_x = jax.lax.map(one, (w, x))
+    new_x = jax.lax.map(one, (w, x, half))
   else:
-    u = jnp.concatenate([pm, x], axis=-1)
-    v = jnp.concatenate([x, -pm], axis=-1)
     eye = jnp.eye(2 * p, dtype=x.dtype)
 
     def one(args):
-      u, v, x = args
-      return jnp.linalg.solve(eye + half * _mm(v.T, u), _mm(v.T, x))
+      u, v, x, h = args
+      return jnp.linalg.solve(eye + h * _mm(v.T, u), _mm(v.T, x))
 
-    z = jax.lax.map(one, (u, v, x))
-    new_x = x - lr * _mm(u, z)
+    z = jax.lax.map(one, (u, v, x, half))
+    new_x = x - 2.0 * half * _mm(u, z)
   return new_x, tangent
 
 
@@ -131,6 +155,7 @@ def stiefel_sgd(
     *,
     mask: Any | Callable[[Any], Any] | None = None,
     projection_tol: float = 0.1,
+    clamp_step: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with momentum on the Stiefel manifold via the Cayley transform.
 
@@ -145,10 +170,15 @@ def stiefel_sgd(
      W = \hat W - \hat W^\top, \quad \hat W = M X^\top - \tfrac12 X X^\top M X^\top,
      \\
      M &\leftarrow W X \quad \text{(tangent momentum)}, \quad
-     X \leftarrow (I + \tfrac{\eta}{2} W)^{-1} (I - \tfrac{\eta}{2} W) X,
+     X \leftarrow (I + \tfrac{a}{2} W)^{-1} (I - \tfrac{a}{2} W) X,
 
-  which keeps :math:`X^\top X = I`. The Cayley transform is computed exactly
-  (not by Li et al.'s fixed-point iteration), through a :math:`2p \times 2p`
+  which keeps :math:`X^\top X = I`. The step is clamped as in Li et al.'s
+  Algorithm 2 and the OPT authors' OGD optimizer (wy1iu/OPT,
+  `opt_ogd/architecture.py`): $a = \min(\eta, 1/(\|W\|_F + 10^{-8}))$ per
+  matrix, so one step never rotates by much more than a radian however large
+  the momentum; `clamp_step=False` gives $a = \eta$. The Cayley transform is
+  computed exactly (not by Li et al.'s two fixed-point iterations, which
+  differ from it by $O(a^3 \|W\|^3)$), through a :math:`2p \times 2p`
   solve when :math:`n > 2p`. Other parameters get plain SGD with momentum,
   ``M <- beta M + G; X <- X - lr M`` (``optax.sgd``).
 
@@ -159,13 +189,19 @@ def stiefel_sgd(
   that jump); one that is closer is pulled back by a Newton-Schulz step
   :math:`X(3I - X^\top X)/2` that squares the error. So iterates stay
   orthonormal to float32 precision over any number of steps, and a
-  ``jax.nn.initializers.orthogonal()`` initialisation avoids the jump.
+  ``jax.nn.initializers.orthogonal()`` initialisation avoids the jump. A zero
+  or rank-deficient selected parameter is projected the same way, its null
+  directions filled from the SVD's basis, so it lands on the manifold and
+  moves from there (it is never left stuck while its momentum grows).
 
   A selected leaf of more than two axes is viewed as the matrix
   ``(prod(shape[:-1]), shape[-1])`` (a conv kernel's neurons). Momentum
   buffers are kept in float32 (or wider); updates have the parameters' dtypes.
-  A non-finite gradient gives a non-finite update for that leaf and leaves its
-  momentum unchanged.
+  A non-finite gradient or parameter gives a NaN update for that leaf and
+  leaves its momentum unchanged; such a matrix never reaches a LAPACK kernel.
+  An empty leaf (a zero-size axis) gets a zero update. Updates, params and
+  state must have the same tree structure and shapes (a ValueError names the
+  first leaf that differs).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -175,6 +211,8 @@ def stiefel_sgd(
       every 2-D leaf with rows >= cols.
     projection_tol: how far from the manifold (max entry of
       :math:`|X^\top X - I|`) a parameter is projected rather than corrected.
+    clamp_step: clamp the step to $1/(\|W\|_F + 10^{-8})$ (the authors'
+      Cayley SGD); `False` takes the full learning rate.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -203,11 +241,12 @@ def stiefel_sgd(
     Wen, Yin, A feasible method for optimization with orthogonality
     constraints, Math. Program. 142, 2013.
   """
-  if isinstance(momentum, (int, float)) and not 0.0 <= momentum < 1.0:
-    raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-  if isinstance(projection_tol, (int, float)) and not projection_tol > 0:
-    raise ValueError(
-        f"projection_tol must be a positive float, got {projection_tol!r}.")
+  checks.hyperparam(learning_rate, "learning_rate", ">= 0", lambda v: v >= 0)
+  checks.hyperparam(momentum, "momentum", "in [0, 1)",
+                    lambda v: 0.0 <= v < 1.0, schedule=False)
+  checks.hyperparam(projection_tol, "projection_tol", "> 0", lambda v: v > 0,
+                    schedule=False)
+  checks.boolean(clamp_step, "clamp_step")
 
   def init_fn(params):
     return StiefelSGDState(
@@ -223,8 +262,9 @@ def stiefel_sgd(
       raise ValueError(
           "stiefel_sgd needs the current parameters: call update(updates,"
           " state, params).")
-    for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]:
-      polar_lib.check_float(x, f"gradient leaf {jax.tree_util.keystr(path)}")
+    checks.float_leaves(updates, "updates")
+    checks.trees_match(params, updates, "params", "updates")
+    checks.trees_match(state.momentum, updates, "state.momentum", "updates")
     selected = _resolve_mask(updates, mask)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     grads, treedef = jax.tree.flatten(updates)
@@ -238,6 +278,9 @@ def stiefel_sgd(
       if not sel:
         out[i] = (-lr * m).astype(grads[i].dtype)
         continue
+      if x.size == 0:
+        out[i] = jnp.zeros_like(grads[i])
+        continue
       views[i] = mv.matrix_view(x, mv.default_dimension_numbers(x))
       groups[(views[i].rows, views[i].cols, m.dtype)].append(i)
 
@@ -246,10 +289,14 @@ def stiefel_sgd(
         parts = [mv.to_stack(leaves[i], views[i], compute) for i in idx]
         return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
-      x0 = stack(xs)
+      # Non-finite matrices are zeroed before any LAPACK call and come out NaN.
+      x0, ok_x = checks.lapack_input(stack(xs))
+      m0, ok_m = checks.lapack_input(stack(new_m))
+      ok = ok_x & ok_m
       x = _onto_manifold(x0, projection_tol)
-      x_new, tangent = _cayley_step(x, stack(new_m), jnp.asarray(lr, compute))
-      delta = x_new - x0
+      x_new, tangent = _cayley_step(x, m0, jnp.asarray(lr, compute), clamp_step)
+      delta = checks.poison(x_new - x0, ok)
+      tangent = checks.poison(tangent, ok)
       start = 0
       for i in idx:
         k = views[i].batch
