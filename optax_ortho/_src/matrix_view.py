@@ -160,7 +160,7 @@ def _explicit_sharding(x: jax.Array) -> NamedSharding | None:
       if kind == AxisType.Explicit
   }
   spec = sharding.spec
-  used = set()
+  used: set[str] = set()
   for entry in spec:
     if entry is None:
       continue

@@ -21,19 +21,27 @@ def _check_eps(eps: Any) -> None:
     checks.hyperparam(eps, "eps", "in [0, 1) or None", lambda v: 0.0 <= v < 1.0)
 
 
-def _float16_moments(
-    inner: optax.GradientTransformationExtraArgs,
+def _alias(
+    inner: optax.GradientTransformationExtraArgs, *, float16_moments: bool
 ) -> optax.GradientTransformationExtraArgs:
-  """Runs `inner` on float16 leaves in float32; the updates keep their dtype.
+  """`inner` with its inputs checked, optionally run in float32 on float16 leaves.
 
-  Adam's second moment squares the update: an orthonormalised float16 update
-  has entries near 1/sqrt(n), whose squares times (1 - b2) fall below
-  float16's smallest subnormal (6e-8) and flush to zero, and Adam's eps (1e-8)
-  is zero in float16 too, so the first step divided by zero (inf). bfloat16
-  has float32's exponent range and keeps its dtype, as in `optax.adam`.
+  Checked at trace time: every gradient leaf is a float array, and `params`
+  (when given) has the structure and shapes of the gradients, so a mismatch
+  names its leaf instead of surfacing as a broadcasting error.
+
+  ``float16_moments``: Adam's second moment squares the update. An
+  orthonormalised float16 update has entries near 1/sqrt(n), whose squares
+  times (1 - b2) fall below float16's smallest subnormal (6e-8) and flush to
+  zero, and Adam's eps (1e-8) is zero in float16 as well: the first step
+  divided by zero (inf). So float16 leaves are computed, and their moments
+  kept, in float32; the updates keep the leaves' dtype. bfloat16 has
+  float32's exponent range and keeps its dtype, as in `optax.adam`.
   """
 
   def up(tree):
+    if not float16_moments:
+      return tree
     return jax.tree.map(
         lambda x: x.astype(jnp.float32) if x.dtype == jnp.float16 else x, tree)
 
@@ -41,6 +49,9 @@ def _float16_moments(
     return inner.init(up(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    checks.float_leaves(updates, "updates")
+    if params is not None:
+      checks.trees_match(params, updates, "params", "updates")
     new, state = inner.update(
         up(updates), state, None if params is None else up(params),
         **extra_args)
@@ -188,11 +199,14 @@ def orthogonal_sgd(
   ``chain(orthonormalize(method), add_decayed_weights(weight_decay),
   sgd(learning_rate, momentum, nesterov))``.
 
+  Python-number hyperparameters are checked when the optimizer is built
+  (`ValueError`/`TypeError` naming the argument, its range and the value).
+
   Args:
-    learning_rate: a float or an optax schedule.
-    momentum: momentum decay; ``0`` for plain SGD.
-    nesterov: Nesterov momentum.
-    weight_decay: coupled L2 weight decay.
+    learning_rate: a float > 0 or an optax schedule.
+    momentum: momentum decay in [0, 1); ``0`` or ``None`` for plain SGD.
+    nesterov: Nesterov momentum (a bool).
+    weight_decay: coupled L2 weight decay, >= 0.
     method: polar method (default ``"auto"``: exact, fastest by shape).
     dimension_numbers: see :func:`orthonormalize`.
 
@@ -213,11 +227,11 @@ def orthogonal_sgd(
   checks.boolean(nesterov, "nesterov")
   _check_decay(weight_decay)
   polar_lib.check_method(method)
-  return optax.chain(
+  return _alias(optax.chain(
       orthonormalize(method, dimension_numbers=dimension_numbers),
       optax.add_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  )
+  ), float16_moments=False)
 
 
 def orthogonal_adam(
@@ -238,12 +252,19 @@ def orthogonal_adam(
   ``Adam(weight_decay=...)``). For decoupled decay chain ``orthonormalize``
   with ``optax.adamw`` instead.
 
+  float16 leaves are computed, and their moments kept, in float32: Adam's
+  second moment of an orthonormalised float16 update underflows to zero in
+  float16 and the first step would be `inf` (see `docs/reliability.md`). The
+  updates keep the leaves' dtype; bfloat16 moments stay bfloat16, as in
+  `optax.adam`. Python-number hyperparameters are checked when the optimizer
+  is built.
+
   Args:
-    learning_rate: a float or an optax schedule.
-    b1: first-moment decay.
-    b2: second-moment decay.
-    eps: Adam's denominator epsilon.
-    weight_decay: coupled L2 weight decay.
+    learning_rate: a float > 0 or an optax schedule.
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: Adam's denominator epsilon, >= 0.
+    weight_decay: coupled L2 weight decay, >= 0.
     method: polar method (default ``"auto"``).
     dimension_numbers: see :func:`orthonormalize`.
 
@@ -263,8 +284,8 @@ def orthogonal_adam(
   checks.hyperparam(eps, "eps", ">= 0", lambda v: v >= 0.0, schedule=False)
   _check_decay(weight_decay)
   polar_lib.check_method(method)
-  return _float16_moments(optax.chain(
+  return _alias(optax.chain(
       orthonormalize(method, dimension_numbers=dimension_numbers),
       optax.add_decayed_weights(weight_decay),
       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-  ))
+  ), float16_moments=True)

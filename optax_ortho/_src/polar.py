@@ -90,7 +90,8 @@ def _per_matrix(fn: Callable, x: jax.Array):
 
 def _svd_one(m: jax.Array, eps: float) -> jax.Array:
   u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-  keep = s > jnp.maximum(eps, noise_floor(*m.shape, m.dtype)) * s[0]
+  floor = noise_floor(m.shape[0], m.shape[1], m.dtype)
+  keep = s > jnp.maximum(eps, floor) * s[0]
   return jnp.matmul(u * keep, vt, precision=_HIGHEST)
 
 
@@ -254,6 +255,13 @@ def polar(
 
   Computation is in float32 (or the input's precision, if higher); the result
   has the input's dtype.
+
+  Faults (`docs/reliability.md`): a matrix with an `Inf` or `NaN` entry never
+  reaches a LAPACK call and comes out all NaN, the other matrices of the batch
+  unaffected; every matrix is divided by its largest `|entry|` first, so any
+  finite scale gives the same factor; the exact methods never keep a singular
+  value at or below `4 sqrt(max(m, n)) finfo(dtype).eps` times the largest
+  (rounding noise), even with `eps=0`; empty inputs are returned as they are.
 
   Args:
     x: array of shape ``(..., m, n)``.
