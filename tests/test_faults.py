@@ -350,6 +350,21 @@ def test_non_float_leaf_names_its_key_path(make, dtype):
     tx.update(bad, state, good)
 
 
+@pytest.mark.parametrize(("kwargs", "exc", "words"), [
+    ({"eps": -0.1}, ValueError, ["eps", "[0, 1)", "-0.1"]),
+    ({"eps": float("nan")}, ValueError, ["eps", "nan"]),
+    ({"eps": "0"}, TypeError, ["eps", "'0'"]),
+    ({"ns_steps": 0}, ValueError, ["ns_steps", "0"]),
+    ({"ns_steps": True}, ValueError, ["ns_steps", "True"]),
+    ({"method": "qr"}, ValueError, ["method", "'qr'"]),
+])
+def test_polar_bad_arguments(kwargs, exc, words):
+  with pytest.raises(exc) as info:
+    optax_ortho.polar(jnp.ones((3, 2)), **kwargs)
+  for word in words:
+    assert word in str(info.value), (word, str(info.value))
+
+
 def test_polar_rejects_non_float_and_vectors():
   with pytest.raises(TypeError, match="x.*int32"):
     optax_ortho.polar(jnp.ones((3, 2), jnp.int32))

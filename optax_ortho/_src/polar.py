@@ -291,10 +291,11 @@ def polar(
   check_float(x, "x")
   if x.ndim < 2:
     raise ValueError(f"x must have ndim >= 2 (..., m, n), got shape {x.shape}.")
-  if not isinstance(ns_steps, int) or ns_steps < 1:
+  if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or ns_steps < 1:
     raise ValueError(f"ns_steps must be a positive int, got {ns_steps!r}.")
-  if isinstance(eps, (int, float)) and not 0.0 <= eps < 1.0:
-    raise ValueError(f"eps must be in [0, 1), got {eps!r}.")
+  if eps is not None:
+    checks.hyperparam(eps, "eps", "in [0, 1) or None",
+                      lambda v: 0.0 <= v < 1.0, schedule=False)
   m, n = x.shape[-2:]
   batch = x.shape[:-2]
   if x.size == 0:  # an empty matrix, or an empty batch: nothing to factor
