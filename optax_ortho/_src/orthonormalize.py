@@ -83,6 +83,10 @@ def orthonormalize(
   one batched call, so the cost grows with the number of distinct shapes, not
   of layers. Computation is in float32; each leaf keeps its dtype.
 
+  A matrix with an `Inf` or `NaN` entry comes back all NaN without reaching
+  a LAPACK call; the other matrices and leaves are unaffected. Empty and
+  `None` leaves pass through (`docs/reliability.md`).
+
   Apply it to the raw gradient, before momentum and weight decay, as the paper
   does (or use :func:`orthogonal_sgd` / :func:`orthogonal_adam`).
 
