@@ -2,11 +2,9 @@
 
 import functools
 
-import optax
-
 import optax_ortho
-from tests.contract import ContractCase, contract_suite
-
+from tests.contract import ContractCase
+from tests.contract import contract_suite
 
 CASES = [
     ContractCase(
