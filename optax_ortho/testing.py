@@ -335,3 +335,156 @@ def decompositions_per_device(closed_jaxpr: Any) -> tuple[int, float]:
     return count, flops
 
   return walk(closed_jaxpr.jaxpr)
+
+
+# ------------------------------------------------------------ fault injection
+
+# Non-finite values a gradient picks up on an fp16/bf16 overflow or a 0/0.
+NONFINITE: tuple[float, ...] = (float("inf"), float("-inf"), float("nan"))
+
+
+def fault_positions(shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+  """Where to put a non-finite entry in a matrix (or a stack of them).
+
+  The first entry ``[0, 0]`` (an ``Inf`` in the first row makes jaxlib's CPU
+  SVD spin forever), the end of the first row, the start of the last row, the
+  last entry and the middle; leading axes are indexed 0. Duplicates (small
+  shapes) are dropped.
+
+  Example:
+    >>> from optax_ortho import testing
+    >>> testing.fault_positions((3, 2))
+    ((0, 0), (0, 1), (2, 0), (2, 1), (1, 1))
+  """
+  m, n = shape[-2:]
+  lead = (0,) * (len(shape) - 2)
+  spots = ((0, 0), (0, n - 1), (m - 1, 0), (m - 1, n - 1), (m // 2, n // 2))
+  return tuple(dict.fromkeys(lead + s for s in spots))
+
+
+def with_fault(a: Any, position: tuple[int, ...], value: float) -> np.ndarray:
+  """A copy of `a` (as NumPy) with `value` written at `position`.
+
+  Example:
+    >>> import numpy as np
+    >>> from optax_ortho import testing
+    >>> testing.with_fault(np.zeros((2, 2), np.float32), (0, 0), np.inf)[0]
+    array([inf,  0.], dtype=float32)
+  """
+  out = np.array(a, copy=True)
+  out[position] = value
+  return out
+
+
+@st.composite
+def faulty_stacks(
+    draw: st.DrawFn,
+    *,
+    min_side: int = 1,
+    max_side: int = 6,
+    max_batch: int = 3,
+    first_row: bool | None = None,
+    shape: tuple[int, int, int] | None = None,
+    dtype: Any = np.float32,
+) -> tuple[np.ndarray, int]:
+  """A ``(k, m, n)`` stack with one non-finite entry, and the bad matrix's index.
+
+  Args:
+    draw: supplied by hypothesis.
+    min_side: smallest number of rows or columns.
+    max_side: largest number of rows or columns.
+    max_batch: largest number of matrices ``k``.
+    first_row: True: the bad entry is in the first row (the CPU SVD hang);
+      False: elsewhere if there is another row; None: anywhere.
+    shape: a fixed ``(k, m, n)`` instead of drawn sides and batch (one
+      compilation for a jitted function under test).
+    dtype: NumPy dtype of the result.
+
+  Example:
+    >>> import numpy as np
+    >>> from hypothesis import given
+    >>> from optax_ortho import testing
+    >>> @given(testing.faulty_stacks())
+    ... def check(case):
+    ...   stack, bad = case
+    ...   assert not np.isfinite(stack[bad]).all()
+    >>> check()
+  """
+  if shape is None:
+    m = draw(st.integers(min_side, max_side))
+    n = draw(st.integers(min_side, max_side))
+    k = draw(st.integers(1, max_batch))
+  else:
+    k, m, n = shape
+  seed = draw(st.integers(0, 2**32 - 1))
+  stack = np.random.default_rng(seed).standard_normal((k, m, n)).astype(dtype)
+  bad = draw(st.integers(0, k - 1))
+  if first_row is None:
+    row = draw(st.integers(0, m - 1))
+  elif first_row or m == 1:
+    row = 0
+  else:
+    row = draw(st.integers(1, m - 1))
+  col = draw(st.integers(0, n - 1))
+  stack[bad, row, col] = draw(st.sampled_from(NONFINITE))
+  return stack, bad
+
+
+def run_isolated(
+    script: str,
+    *,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> str:
+  """Runs a Python `script` in a fresh interpreter; a hang fails, not blocks.
+
+  For anything that could hang (a LAPACK call on non-finite input) or needs a
+  fresh process (``JAX_ENABLE_X64``, a device count). The child imports the
+  same `optax_ortho` as the caller, runs with ``OPENBLAS_NUM_THREADS=1``
+  (OpenBLAS threads spin against XLA's) and is killed after `timeout`
+  seconds. Batch many cases into one script: each interpreter pays jax's
+  start-up.
+
+  Args:
+    script: Python source; it fails by raising (non-zero exit).
+    timeout: seconds before the child counts as hung and is killed.
+    env: extra environment variables for the child.
+
+  Returns:
+    The child's standard output.
+
+  Raises:
+    AssertionError: the child hung (no exit within `timeout`) or failed;
+      the message holds the tail of its output.
+
+  Example:
+    >>> from optax_ortho import testing
+    >>> testing.run_isolated("print(1 + 1)", timeout=60)
+    '2\\n'
+  """
+  import os
+  import subprocess
+  import sys
+
+  import optax_ortho
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(optax_ortho.__file__)))
+  child_env = dict(os.environ)
+  child_env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (root, child_env.get("PYTHONPATH")) if p)
+  child_env.setdefault("OPENBLAS_NUM_THREADS", "1")
+  child_env.update(env or {})
+  try:
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True,
+        timeout=timeout, env=child_env)
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    raise AssertionError(
+        f"the script hung: no exit within {timeout} s (killed). Last output:"
+        f"\n{out[-2000:]}") from None
+  if result.returncode != 0:
+    raise AssertionError(
+        f"the script failed (exit code {result.returncode}):\n"
+        f"{result.stdout[-1000:]}\n{result.stderr[-3000:]}")
+  return result.stdout

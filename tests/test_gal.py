@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given, strategies as st
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import optax_ortho
 from tests.contract import ContractCase, contract_suite
@@ -273,7 +273,7 @@ def _replicated(x):
   sharding = jax.typeof(x).sharding
   mesh = getattr(sharding, "mesh", None)
   if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
-    return jax.sharding.reshard(x, PartitionSpec())
+    return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
   return x
 
 

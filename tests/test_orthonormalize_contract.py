@@ -2,11 +2,9 @@
 
 import functools
 
-import optax
-
 import optax_ortho
-from tests.contract import ContractCase, contract_suite
-
+from tests.contract import ContractCase
+from tests.contract import contract_suite
 
 CASES = [
     ContractCase(
@@ -14,10 +12,12 @@ CASES = [
         make=functools.partial(optax_ortho.orthonormalize, method),
         hyperparams={"eps": 1e-5} if method in ("svd", "gram", "auto") else {},
         static_args=("ns_steps",),
-        # The Gram route's float32 error grows like eps * cond^2: under Auto
-        # axes XLA splits the Gram matmul's sum and the 16 x 16 leaf moved by
-        # 3e-5, so it gets the iterative methods' tolerance.
-        atol=2e-5 if method in ("svd", "auto") else 1e-4,
+        # The Gram route's float32 error grows like eps * cond^2: the 16 x 16
+        # leaf's gradient has cond 247, and its Gram factor is 1e-4 to 2.6e-4
+        # off the exact one (measured, before and after the max-abs scaling).
+        # Under Auto axes XLA splits the Gram matmul's sum, which moves it by
+        # as much (3e-5 seen, then 4.5e-4 at step 3 with the scaling).
+        atol={"svd": 2e-5, "auto": 2e-5, "gram": 1e-3}.get(method, 1e-4),
     )
     for method in ("svd", "gram", "auto", "newton_schulz", "polar_express")
 ] + [

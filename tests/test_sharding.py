@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers as DN
 
 import optax_ortho
@@ -53,3 +55,19 @@ def test_orthonormalize_newton_schulz_works_where_muon_fails(parallel):
     out, _ = jax.jit(tx.update)(sharded, tx.init(sharded))
   assert jax.typeof(out["conv"]).sharding.spec == _SPEC
   np.testing.assert_allclose(out["conv"], ref, atol=1e-4)
+
+
+@needs_8
+@pytest.mark.parametrize("parallel", ["replicated", "layers"])
+@pytest.mark.parametrize(
+    "method", ["svd", "gram", "auto", "newton_schulz", "polar_express"])
+def test_sharded_without_mesh_context(method, parallel):
+  # jax.make_mesh's Explicit axes, device_put, a bare jit: no jax.set_mesh.
+  # The mesh comes from the arrays' own shardings.
+  _, grads, sharded = _sharded_conv()
+  tx = optax_ortho.orthonormalize(method, parallel=parallel)
+  out, _ = jax.jit(tx.update)(sharded, tx.init(sharded))
+  ref, _ = tx.update(grads, tx.init(grads))
+  assert out["conv"].sharding == sharded["conv"].sharding
+  assert jax.typeof(out["conv"]).sharding.spec == _SPEC
+  np.testing.assert_allclose(out["conv"], ref["conv"], atol=2e-5)

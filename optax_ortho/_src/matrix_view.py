@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 from optax.contrib import MuonDimensionNumbers
 
@@ -141,8 +142,14 @@ def matrix_view(x: jax.Array, d: MuonDimensionNumbers) -> MatrixView:
   return MatrixView(perm, inv_perm, permuted_shape, b, p, n)
 
 
-def _explicit_spec(x: jax.Array) -> PartitionSpec | None:
-  """The leaf's PartitionSpec when it is sharded over Explicit mesh axes."""
+def _explicit_sharding(x: jax.Array) -> NamedSharding | None:
+  """The leaf's sharding when it is sharded over Explicit mesh axes.
+
+  The sharding carries its own mesh, so resharding to it (or to the same mesh
+  with another spec) works without a `jax.set_mesh` context: the common way
+  to shard is `jax.device_put(x, NamedSharding(mesh, spec))` and a bare
+  `jax.jit`, where a bare `PartitionSpec` would be refused.
+  """
   sharding = jax.typeof(x).sharding
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or mesh.empty:
@@ -153,17 +160,18 @@ def _explicit_spec(x: jax.Array) -> PartitionSpec | None:
       if kind == AxisType.Explicit
   }
   spec = sharding.spec
-  used = set()
+  used: set[str] = set()
   for entry in spec:
     if entry is None:
       continue
     used.update((entry,) if isinstance(entry, str) else entry)
-  return spec if used & explicit else None
+  return sharding if used & explicit else None
 
 
 def to_stack(x: jax.Array, view: MatrixView, dtype) -> jax.Array:
-  if _explicit_spec(x) is not None:
-    x = jax.sharding.reshard(x, PartitionSpec())
+  sharding = _explicit_sharding(x)
+  if sharding is not None:
+    x = jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
   m = x.transpose(view.perm).astype(dtype)
   m = m.reshape((view.batch, view.reduction, view.output))
   return jnp.swapaxes(m, -1, -2) if view.transposed else m
@@ -173,7 +181,7 @@ def from_stack(q: jax.Array, view: MatrixView, like: jax.Array) -> jax.Array:
   if view.transposed:
     q = jnp.swapaxes(q, -1, -2)
   out = q.reshape(view.permuted_shape).transpose(view.inv_perm).astype(like.dtype)
-  spec = _explicit_spec(like)
-  if spec is not None:
-    out = jax.sharding.reshard(out, spec)
+  sharding = _explicit_sharding(like)
+  if sharding is not None:
+    out = jax.sharding.reshard(out, sharding)
   return out

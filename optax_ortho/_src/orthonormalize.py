@@ -10,14 +10,54 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ortho._src import checks
 from optax_ortho._src import layer_parallel
 from optax_ortho._src import matrix_view as mv
 from optax_ortho._src import polar as polar_lib
 
 
-def _check_gradients(updates: Any) -> None:
-  for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]:
-    polar_lib.check_float(x, f"gradient leaf {jax.tree_util.keystr(path)}")
+def _check_eps(eps: Any) -> None:
+  if eps is not None:
+    checks.hyperparam(eps, "eps", "in [0, 1) or None", lambda v: 0.0 <= v < 1.0)
+
+
+def _alias(
+    inner: optax.GradientTransformationExtraArgs, *, float16_moments: bool
+) -> optax.GradientTransformationExtraArgs:
+  """`inner` with its inputs checked, optionally run in float32 on float16 leaves.
+
+  Checked at trace time: every gradient leaf is a float array, and `params`
+  (when given) has the structure and shapes of the gradients, so a mismatch
+  names its leaf instead of surfacing as a broadcasting error.
+
+  ``float16_moments``: Adam's second moment squares the update. An
+  orthonormalised float16 update has entries near 1/sqrt(n), whose squares
+  times (1 - b2) fall below float16's smallest subnormal (6e-8) and flush to
+  zero, and Adam's eps (1e-8) is zero in float16 as well: the first step
+  divided by zero (inf). So float16 leaves are computed, and their moments
+  kept, in float32; the updates keep the leaves' dtype. bfloat16 has
+  float32's exponent range and keeps its dtype, as in `optax.adam`.
+  """
+
+  def up(tree):
+    if not float16_moments:
+      return tree
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float32) if x.dtype == jnp.float16 else x, tree)
+
+  def init_fn(params):
+    return inner.init(up(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    checks.float_leaves(updates, "updates")
+    if params is not None:
+      checks.trees_match(params, updates, "params", "updates")
+    new, state = inner.update(
+        up(updates), state, None if params is None else up(params),
+        **extra_args)
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def orthonormalize(
@@ -42,6 +82,10 @@ def orthonormalize(
   Matrices of the same shape, across leaves, are stacked and orthonormalised in
   one batched call, so the cost grows with the number of distinct shapes, not
   of layers. Computation is in float32; each leaf keeps its dtype.
+
+  A matrix with an `Inf` or `NaN` entry comes back all NaN without reaching
+  a LAPACK call; the other matrices and leaves are unaffected. Empty and
+  `None` leaves pass through (`docs/reliability.md`).
 
   Apply it to the raw gradient, before momentum and weight decay, as the paper
   does (or use :func:`orthogonal_sgd` / :func:`orthogonal_adam`).
@@ -89,8 +133,7 @@ def orthonormalize(
         f"ns_steps must be a positive Python int, got {ns_steps!r} (with"
         " optax.inject_hyperparams, pass static_args=('ns_steps',))."
     )
-  if isinstance(eps, (int, float)) and not 0.0 <= eps < 1.0:
-    raise ValueError(f"eps must be in [0, 1) or None, got {eps!r}.")
+  _check_eps(eps)
   layer_parallel.check_parallel(parallel, mesh)
 
   def init_fn(params):
@@ -99,7 +142,7 @@ def orthonormalize(
 
   def update_fn(updates, state, params=None):
     del params
-    _check_gradients(updates)
+    checks.float_leaves(updates, "updates")
     leaves, treedef = jax.tree.flatten(updates)
     dims = mv.resolve_dimension_numbers(updates, dimension_numbers)
     views: dict[int, mv.MatrixView] = {}
@@ -134,9 +177,19 @@ def orthonormalize(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _check_lr(learning_rate: Any) -> None:
+  checks.hyperparam(learning_rate, "learning_rate",
+                    "> 0 (or an optax schedule)", lambda v: v > 0.0)
+
+
+def _check_decay(weight_decay: Any) -> None:
+  checks.hyperparam(weight_decay, "weight_decay", ">= 0 and finite",
+                    lambda v: v >= 0.0, schedule=False)
+
+
 def orthogonal_sgd(
     learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
+    momentum: float | None = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
     *,
@@ -150,11 +203,14 @@ def orthogonal_sgd(
   ``chain(orthonormalize(method), add_decayed_weights(weight_decay),
   sgd(learning_rate, momentum, nesterov))``.
 
+  Python-number hyperparameters are checked when the optimizer is built
+  (`ValueError`/`TypeError` naming the argument, its range and the value).
+
   Args:
-    learning_rate: a float or an optax schedule.
-    momentum: momentum decay; ``0`` for plain SGD.
-    nesterov: Nesterov momentum.
-    weight_decay: coupled L2 weight decay.
+    learning_rate: a float > 0 or an optax schedule.
+    momentum: momentum decay in [0, 1); ``0`` or ``None`` for plain SGD.
+    nesterov: Nesterov momentum (a bool).
+    weight_decay: coupled L2 weight decay, >= 0.
     method: polar method (default ``"auto"``: exact, fastest by shape).
     dimension_numbers: see :func:`orthonormalize`.
 
@@ -168,11 +224,18 @@ def orthogonal_sgd(
     >>> state = tx.init(params)
     >>> updates, state = tx.update({"w": jnp.eye(4, 3)}, state, params)
   """
-  return optax.chain(
+  _check_lr(learning_rate)
+  if momentum is not None:  # optax.sgd's None: no momentum state
+    checks.hyperparam(momentum, "momentum", "in [0, 1) or None",
+                      lambda v: 0.0 <= v < 1.0, schedule=False)
+  checks.boolean(nesterov, "nesterov")
+  _check_decay(weight_decay)
+  polar_lib.check_method(method)
+  return _alias(optax.chain(
       orthonormalize(method, dimension_numbers=dimension_numbers),
       optax.add_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-  )
+  ), float16_moments=False)
 
 
 def orthogonal_adam(
@@ -193,12 +256,19 @@ def orthogonal_adam(
   ``Adam(weight_decay=...)``). For decoupled decay chain ``orthonormalize``
   with ``optax.adamw`` instead.
 
+  float16 leaves are computed, and their moments kept, in float32: Adam's
+  second moment of an orthonormalised float16 update underflows to zero in
+  float16 and the first step would be `inf` (see `docs/reliability.md`). The
+  updates keep the leaves' dtype; bfloat16 moments stay bfloat16, as in
+  `optax.adam`. Python-number hyperparameters are checked when the optimizer
+  is built.
+
   Args:
-    learning_rate: a float or an optax schedule.
-    b1: first-moment decay.
-    b2: second-moment decay.
-    eps: Adam's denominator epsilon.
-    weight_decay: coupled L2 weight decay.
+    learning_rate: a float > 0 or an optax schedule.
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: Adam's denominator epsilon, >= 0.
+    weight_decay: coupled L2 weight decay, >= 0.
     method: polar method (default ``"auto"``).
     dimension_numbers: see :func:`orthonormalize`.
 
@@ -211,8 +281,15 @@ def orthogonal_adam(
     >>> tx = optax_ortho.orthogonal_adam(1e-3)
     >>> updates, state = tx.update({"w": jnp.eye(4, 3)}, tx.init(params), params)
   """
-  return optax.chain(
+  _check_lr(learning_rate)
+  for value, name in ((b1, "b1"), (b2, "b2")):
+    checks.hyperparam(value, name, "in [0, 1)", lambda v: 0.0 <= v < 1.0,
+                      schedule=False)
+  checks.hyperparam(eps, "eps", ">= 0", lambda v: v >= 0.0, schedule=False)
+  _check_decay(weight_decay)
+  polar_lib.check_method(method)
+  return _alias(optax.chain(
       orthonormalize(method, dimension_numbers=dimension_numbers),
       optax.add_decayed_weights(weight_decay),
       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-  )
+  ), float16_moments=True)
