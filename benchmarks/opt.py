@@ -14,9 +14,15 @@ By default XLA runs each op on one thread (see `--multi-thread`). Writes
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread, set before numpy and jax load it: jaxlib's CPU LAPACK
+# kernels call scipy's OpenBLAS, whose spinning thread pool fights XLA's
+# threads (SVDs 10-200x slower on a busy CPU; docs/getting_started.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -44,7 +50,9 @@ def make_step(layer, x):
 
   @jax.jit
   def step(params, x):
-    loss = lambda p, x: jnp.sum(jnp.square(layer.apply({"params": p, **rest}, x)))
+    def loss(p, x):
+      return jnp.sum(jnp.square(layer.apply({"params": p, **rest}, x)))
+
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
   return lambda: jax.block_until_ready(step(params, x))

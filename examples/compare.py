@@ -17,14 +17,21 @@ gradient, logits), a function that produces those extra arguments.
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread, set before numpy and jax load it: jaxlib's CPU LAPACK
+# kernels call scipy's OpenBLAS, whose spinning thread pool fights XLA's
+# threads (SVDs 10-200x slower on a busy CPU; docs/getting_started.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
