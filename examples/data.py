@@ -155,7 +155,7 @@ def _data_sources(name: str, data_dir: str | None):
   except ImportError as e:
     raise DataNotFoundError(
         f"Loading {name!r} needs tensorflow-datasets and array-record:"
-        " `pip install -e \".[examples]\"`. " + missing_message(name, data_dir)
+        " `pip install -e \".[datasets]\"`. " + missing_message(name, data_dir)
     ) from e
   try:
     return tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
