@@ -42,6 +42,7 @@ print(sorted({{p["num_threads"] for p in threadpoolctl.threadpool_info()
 """
 
 
+@pytest.mark.slow  # a fresh process importing jax: 10-30 s
 def test_an_example_sets_one_thread_in_a_fresh_process():
   env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
   code = PROBE.format(examples=os.path.join(ROOT, "examples"))
@@ -50,6 +51,7 @@ def test_an_example_sets_one_thread_in_a_fresh_process():
   assert out.strip().splitlines()[-1] == "[1]", out
 
 
+@pytest.mark.slow
 def test_without_the_setting_openblas_uses_more_threads():
   """The check above can fail: a bare process here has a multi-thread pool."""
   if (os.cpu_count() or 1) < 2:

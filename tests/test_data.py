@@ -112,6 +112,7 @@ def test_missing_data_set_in_the_default_directory(tmp_path, monkeypatch):
   assert "tfds build mnist" in str(info.value)
 
 
+@pytest.mark.slow  # a fresh process importing jax and tfds: 20-40 s
 def test_training_script_without_data_dir_prints_one_paragraph(tmp_path):
   """`train_linen.py --dataset mnist` with nothing prepared: the message, no traceback."""
   import subprocess
