@@ -39,7 +39,8 @@ def _tx(kind):
                      optax_ortho.orthonormalize(), optax.sgd(0.01, momentum=0.9))
 
 
-KINDS = ["gnp", "grod", "gal", "chain"]
+# The chain of all three is the longest to compile: slow.
+KINDS = ["gnp", "grod", "gal", pytest.param("chain", marks=pytest.mark.slow)]
 
 
 # ------------------------------------------------------------------ linen
