@@ -13,9 +13,15 @@ Writes benchmarks/gal.json (or `--json`).
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread, set before numpy and jax load it: jaxlib's CPU LAPACK
+# kernels call scipy's OpenBLAS, whose spinning thread pool fights XLA's
+# threads (SVDs 10-200x slower on a busy CPU; docs/getting_started.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -26,8 +32,11 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
+from compare import CNN  # noqa: E402
+from compare import cross_entropy  # noqa: E402
+from compare import load_digits_split  # noqa: E402
+
 import optax_ortho  # noqa: E402
-from compare import CNN, cross_entropy, load_digits_split  # noqa: E402
 
 
 def make_steps(batch_size: int):

@@ -22,9 +22,15 @@ noise-free cross-check. Writes ``benchmarks/gnp.json``.
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread, set before numpy and jax load it: jaxlib's CPU LAPACK
+# kernels call scipy's OpenBLAS, whose spinning thread pool fights XLA's
+# threads (SVDs 10-200x slower on a busy CPU; docs/getting_started.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -57,7 +63,9 @@ def make_steps(model):
     logits = model.apply(params, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  sgd = lambda: optax.sgd(LR, momentum=0.9)
+  def sgd():
+    return optax.sgd(LR, momentum=0.9)
+
   txs = {
       "plain": sgd(),
       "two_grads": sgd(),

@@ -21,9 +21,15 @@ prints Markdown tables.
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread, set before numpy and jax load it: jaxlib's CPU LAPACK
+# kernels call scipy's OpenBLAS, whose spinning thread pool fights XLA's
+# threads (SVDs 10-200x slower on a busy CPU; docs/getting_started.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -88,7 +94,9 @@ def time_group(candidates, args, reps, inner):
 
 def bench_step(batch, reps, inner):
   params, losses = problem(batch)
-  fn = lambda p: losses(p, "l2_sp")
+  def fn(p):
+    return losses(p, "l2_sp")
+
   sgd = optax.sgd(0.01, momentum=0.9)
 
   def plain_step(p, s):
@@ -119,7 +127,9 @@ def bench_step(batch, reps, inner):
 
 def bench_value_and_grads(kind, batch, reps, inner):
   params, losses = problem(batch)
-  fn = lambda p: losses(p, kind)
+  def fn(p):
+    return losses(p, kind)
+
   g_task = jax.jit(jax.grad(lambda p: fn(p)[0]))
   g_reg = jax.jit(jax.grad(lambda p: fn(p)[1]))
   cands = {

@@ -16,9 +16,15 @@ By default XLA runs each op on one thread (see `--multi-thread`). Writes
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread, set before numpy and jax load it: jaxlib's CPU LAPACK
+# kernels call scipy's OpenBLAS, whose spinning thread pool fights XLA's
+# threads (SVDs 10-200x slower on a busy CPU; docs/getting_started.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -48,6 +54,7 @@ def make_step(layer, x):
   def step(params, x):
     def loss(p, x):
       return jnp.sum(jnp.square(layer.apply({"params": p, **rest}, x)))
+
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
   return lambda: jax.block_until_ready(step(params, x))

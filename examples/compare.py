@@ -8,7 +8,8 @@ Runs on scikit-learn's embedded `digits` data set (8x8 images, no download):
 Prints a table (final test accuracy, steps to 95 % test accuracy, time per step
 relative to the plain optimizer of the same family) and writes training curves
 (`curves.png`: test accuracy, training loss, gradient norm), time-per-step bars (`time_per_step.png`) and the raw numbers
-(`results.json`) into `--out` (default `out/`).
+(`results.json`) into `--out` (default `out/` for the full run, a sub-folder of
+`out/` named after the arguments for any other, e.g. `out/sgd-orthogonal_sgd_seeds1`).
 
 Methods live in a registry (`METHODS`): a method is a transform factory plus,
 where the transform needs more than the gradient (a `grad_fn`, a second
@@ -17,14 +18,21 @@ gradient, logits), a function that produces those extra arguments.
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread, set before numpy and jax load it: jaxlib's CPU LAPACK
+# kernels call scipy's OpenBLAS, whose spinning thread pool fights XLA's
+# threads (SVDs 10-200x slower on a busy CPU; docs/getting_started.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -325,52 +333,109 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+FAMILY_COLORS = {  # one colour per family, one line style per variant
+    "sgd": "tab:blue", "orthogonal_sgd": "tab:orange", "adam": "tab:green",
+    "orthogonal_adam": "tab:red", "sgd_l2": "tab:purple", "grod_l2": "tab:brown",
+    "gnp": "tab:pink", "sam": "tab:gray", "gal": "tab:olive", "opt_sgd": "tab:cyan",
+    "stiefel_sgd": "black",
+}
+VARIANT_STYLES = {"": "-", "svd": "--", "newton_schulz": ":", "polar_express": "-."}
+
+
+def line_styles(names: list[str]) -> dict[str, dict]:
+  """A distinct (colour, line style) for every method: colour by family, style by variant."""
+  styles: dict[str, dict] = {}
+  spare = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+           "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+  used: set[tuple[str, str]] = set()
+  for name in dict.fromkeys(names):
+    family, _, variant = name.partition("[")
+    variant = variant.rstrip("]")
+    color = FAMILY_COLORS.get(family)
+    linestyle = VARIANT_STYLES.get(variant, (0, (5, 1, 1, 1)))
+    if color is None or (color, str(linestyle)) in used:
+      # An unregistered family: the first colour/style pair not taken yet.
+      color, linestyle = next(
+          (c, ls) for ls in ("-", "--", ":", "-.") for c in spare
+          if (c, ls) not in used)
+    used.add((color, str(linestyle)))
+    styles[name] = {"color": color, "linestyle": linestyle}
+  return styles
+
+
 def plot(runs: list[dict], rows: list[dict], out: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-  colors = {}
+  styles = line_styles([r["method"] for r in runs])
   for r in runs:
-    c = colors.setdefault(r["method"], f"C{len(colors) % 10}")
+    style = styles[r["method"]]
     label = r["method"] if r["seed"] == runs[0]["seed"] else None
     h = r["history"]
-    axes[0].plot(h["step"], h["test_accuracy"], color=c, alpha=0.8, label=label)
-    axes[1].plot(h["step"], h["train_loss"], color=c, alpha=0.8, label=label)
-    axes[2].plot(h["step"], h["grad_norm"], color=c, alpha=0.8, label=label)
+    for ax, key in zip(axes, ("test_accuracy", "train_loss", "grad_norm")):
+      ax.plot(h["step"], h[key], alpha=0.8, label=label, **style)
   axes[0].set(xlabel="step", ylabel="test accuracy", ylim=(0.5, 1.0),
               title="digits: test accuracy")
   axes[1].set(xlabel="step", ylabel="train loss (batch)", yscale="log",
               title="digits: training loss")
   axes[2].set(xlabel="step", ylabel="global norm of the batch gradient",
               yscale="log", title="digits: gradient norm")
-  axes[0].legend(fontsize=8)
+  axes[0].legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "curves.png"), dpi=120)
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
-  ax.barh([r["method"] for r in rows], [1e3 * r["time_per_step"] for r in rows])
-  ax.set(xlabel="median ms per step (after compilation)", title="time per step")
+  ax.barh([r["method"] for r in rows], [1e3 * r["time_per_step"] for r in rows],
+          color=[styles[r["method"]]["color"] for r in rows])
+  # Log axis: the times span two orders of magnitude (1 ms for SGD, tens for OPT).
+  ax.set(xlabel="median ms per step (after compilation, log scale)",
+         title="time per step", xscale="log")
   ax.invert_yaxis()
   fig.tight_layout()
   fig.savefig(os.path.join(out, "time_per_step.png"), dpi=120)
   plt.close(fig)
 
 
-def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def default_out(args: argparse.Namespace) -> str:
+  """`out` for the full default run; `out/<methods>_<non-default args>` otherwise."""
+  parts = []
+  if not args.all and list(args.methods) != list(DEFAULT_METHODS):
+    parts.append("-".join(m.replace("[", "_").replace("]", "") for m in args.methods))
+  for name, default in (("seeds", 3), ("steps", 300), ("batch_size", 64)):
+    if getattr(args, name) != default:
+      parts.append(f"{name.replace('_', '')}{getattr(args, name)}")
+  return os.path.join("out", "_".join(parts)) if parts else "out"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                       choices=sorted(METHODS), metavar="METHOD",
                       help=f"any of: {', '.join(sorted(METHODS))}")
   parser.add_argument("--all", action="store_true", help="run every method")
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--eval-every", type=int, default=10)
-  parser.add_argument("--out", default="out")
+  parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
+  parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+  parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
+  parser.add_argument("--eval-every", type=int, default=10,
+                      help="steps between test-accuracy evaluations")
+  parser.add_argument("--out", default=None,
+                      help="output folder (default: out/ for the full default run,"
+                           " else a folder named after the arguments, e.g."
+                           " out/sgd-orthogonal_sgd_seeds1, so a short run never"
+                           " overwrites the full one)")
   args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = default_out(args)
+  return args
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
   names = list(METHODS) if args.all else list(dict.fromkeys(args.methods))
   # Time per step is reported relative to each method's plain baseline.
   names += [b for b in dict.fromkeys(METHODS[n].baseline for n in names)

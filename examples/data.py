@@ -155,7 +155,7 @@ def _data_sources(name: str, data_dir: str | None):
   except ImportError as e:
     raise DataNotFoundError(
         f"Loading {name!r} needs tensorflow-datasets and array-record:"
-        " `pip install -e \".[examples]\"`. " + missing_message(name, data_dir)
+        " `pip install -e \".[datasets]\"`. " + missing_message(name, data_dir)
     ) from e
   try:
     return tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
@@ -163,8 +163,9 @@ def _data_sources(name: str, data_dir: str | None):
   # A missing data set shows up as any of these, depending on what is there:
   # nothing (NotImplementedError: "TFRECORD is not supported"), a data set
   # prepared as TFRecord (same), a partial folder (FileNotFoundError,
-  # AssertionError).
-  except (NotImplementedError, FileNotFoundError, AssertionError,
+  # AssertionError), and with data_dir=None, TFDS's own metadata of a set that
+  # was never generated (KeyError: "`splits` is empty").
+  except (NotImplementedError, FileNotFoundError, AssertionError, KeyError,
           tfds.core.registered.DatasetNotFoundError) as e:
     raise DataNotFoundError(missing_message(name, data_dir)) from e
 

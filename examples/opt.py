@@ -15,19 +15,25 @@ close to minimal, whereas plain training moves it.
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread, set before numpy and jax load it: jaxlib's CPU LAPACK
+# kernels call scipy's OpenBLAS, whose spinning thread pool fights XLA's
+# threads (SVDs 10-200x slower on a busy CPU; docs/getting_started.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import functools
 import json
-import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
+
 import optax_ortho  # noqa: E402  (compare puts the repository on sys.path)
 from optax_ortho import linen as ortho_nn  # noqa: E402
 
@@ -81,7 +87,9 @@ def run(name, steps, batch_size, energy_every, data, seed=0) -> dict:
 
   @jax.jit
   def step(variables, opt_state, x, y):
-    loss_fn = lambda v: compare.cross_entropy(model.apply(v, x), y)
+    def loss_fn(v):
+      return compare.cross_entropy(model.apply(v, x), y)
+
     loss, grads = jax.value_and_grad(loss_fn)(variables)
     updates, opt_state = tx.update(grads, opt_state, variables)
     return optax.apply_updates(variables, updates), opt_state, loss

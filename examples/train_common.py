@@ -15,9 +15,10 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import optax_ortho  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
+
+import optax_ortho  # noqa: E402
 
 # Optimizers: which library transforms go in front of the base optimizer.
 # "gnp" needs a second gradient (grad_fn); the loops build it.

@@ -20,6 +20,7 @@ from optax_ortho._src.orthonormalize import orthonormalize
 from optax_ortho._src.polar import polar
 from optax_ortho._src.stiefel import StiefelSGDState
 from optax_ortho._src.stiefel import stiefel_sgd
+from optax_ortho._src.train_state import apply_gradients
 from optax_ortho._src.value_and_grads import value_and_grads
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "GalState",
     "GrodState",
     "StiefelSGDState",
+    "apply_gradients",
     "gal",
     "flax_dimension_numbers",
     "gal_value_and_grad",

@@ -102,3 +102,24 @@ def test_augment_crops_and_flips():
   out = data.augment(x, seed=3, step=1, pad=2)
   assert out.shape == x.shape
   np.testing.assert_array_equal(out, data.augment(x, seed=3, step=1, pad=2))
+
+
+def test_missing_data_set_in_the_default_directory(tmp_path, monkeypatch):
+  """data_dir=None: TFDS falls back to its own metadata, whose splits are empty."""
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  with pytest.raises(data.DataNotFoundError) as info:
+    data.load("mnist")
+  assert "tfds build mnist" in str(info.value)
+
+
+@pytest.mark.slow  # a fresh process importing jax and tfds: 20-40 s
+def test_training_script_without_data_dir_prints_one_paragraph(tmp_path):
+  """`train_linen.py --dataset mnist` with nothing prepared: the message, no traceback."""
+  import subprocess
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path), HOME=str(tmp_path))
+  script = os.path.join(os.path.dirname(data.__file__), "train_linen.py")
+  proc = subprocess.run([sys.executable, script, "--dataset", "mnist", "--steps", "1"],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr and "KeyError" not in proc.stderr
+  assert "tfds build mnist" in proc.stderr

@@ -339,6 +339,7 @@ def _load_example(name):
   return module
 
 
+@pytest.mark.slow  # an example end to end: about 25 s on a loaded machine
 def test_gal_regression_example_runs_tiny(tmp_path):
   summary = _load_example("gal_regression").main(
       ["--seeds", "2", "--epochs", "2", "--out", str(tmp_path)])
@@ -350,6 +351,7 @@ def test_gal_regression_example_runs_tiny(tmp_path):
   assert 0.0 <= summary["gal_accepted_fraction"] <= 1.0
 
 
+@pytest.mark.slow  # compare.py end to end: about 25 s on a loaded machine
 def test_compare_runs_gal_tiny(tmp_path):
   compare = _load_example("compare")
   rows = compare.main(["--methods", "adam", "gal", "--seeds", "1", "--steps", "3",

@@ -31,6 +31,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a ResNet-20 update in a fresh process: 30-130 s
 @pytest.mark.timeout(300)
 def test_resnet20_pytree_does_not_hang():
   try:

@@ -46,6 +46,7 @@ def _update(tx, grads):
 
 
 @needs_8
+@pytest.mark.slow  # 8 cases of 12-24 s each on a loaded 2-core machine
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
                          ids=["explicit", "auto"])
 @pytest.mark.parametrize("method", METHODS)

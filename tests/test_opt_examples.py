@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "examples"))
@@ -12,6 +13,7 @@ import compare  # noqa: E402
 import opt  # noqa: E402
 
 
+@pytest.mark.slow  # about 30 s on a loaded 2-core machine
 def test_opt_example_keeps_energy_of_opt_layers(tmp_path):
   runs = opt.main(["--steps", "2", "--energy-every", "1", "--batch-size", "8",
                    "--out", str(tmp_path)])

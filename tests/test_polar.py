@@ -98,6 +98,7 @@ def test_auto_mixed_stack_falls_back_per_matrix():
   np.testing.assert_array_equal(q[3], 0.0)
 
 
+@pytest.mark.slow  # hypothesis, one compile per shape: about 80 s on a loaded machine
 @given(a=testing.matrices(min_side=2, rank_deficient=False, max_condition=5.0))
 def test_newton_schulz_equals_muon(a):
   q = _jit_polar(a, method="newton_schulz")

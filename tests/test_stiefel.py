@@ -58,6 +58,7 @@ def _ortho_error(x):
   return float(jnp.abs(x.T @ x - jnp.eye(x.shape[-1])).max())
 
 
+@pytest.mark.slow  # about 40 s on a loaded 2-core machine
 @settings(max_examples=6)
 @given(n=st.integers(1, 12), p_frac=st.floats(0.1, 1.0), seed=st.integers(0, 99))
 def test_iterates_stay_on_manifold(n, p_frac, seed):
@@ -71,6 +72,7 @@ def test_iterates_stay_on_manifold(n, p_frac, seed):
   assert _ortho_error(params["w"]) < 1e-5
 
 
+@pytest.mark.slow  # 3000 steps: about 25 s on a loaded 2-core machine
 def test_thousands_of_steps_stay_orthonormal():
   keys = jax.random.split(jax.random.key(0), 3)
   params = {"tall": _orthonormal(keys[0], 32, 8),
@@ -96,6 +98,7 @@ def test_random_init_is_projected_then_stays():
   assert _ortho_error(q + updates) < 1e-5
 
 
+@pytest.mark.slow  # about 100 s on a loaded 2-core machine
 @settings(max_examples=6)
 @given(n=st.integers(2, 8), extra=st.integers(0, 4), seed=st.integers(0, 99))
 def test_procrustes_reaches_optimum(n, extra, seed):

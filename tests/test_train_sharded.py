@@ -24,6 +24,7 @@ TINY = ["--steps", "4", "--hidden", "16", "--batch-size", "16"]
     ["--method", "gradient_norm_penalty", "--mesh", "4", "2",
      "--axis-types", "auto"],
 ], ids=["orthonormalize-layers-explicit", "gnp-auto-4x2"])
+@pytest.mark.slow  # 13 s per case on a loaded 2-core machine
 def test_train_sharded_tiny(flags):
   r = train_sharded.main(TINY + flags)
   assert r["devices"] == 8 and math.prod(r["mesh"].values()) == 8

@@ -34,6 +34,7 @@ def nnx_tree(result):
           "optimizer": nnx.to_pure_dict(nnx.state(result["optimizer"]))}
 
 
+@pytest.mark.slow  # train, checkpoint, restore: 20-35 s per API on a loaded machine
 @pytest.mark.parametrize("script,tree", [(train_linen, linen_tree),
                                          (train_nnx, nnx_tree)])
 def test_resume_gives_the_identical_next_step(script, tree, tmp_path):
@@ -90,6 +91,7 @@ def test_diabetes_regression(script):
   assert 0.0 < result["test_mse"] < 1.0  # better than predicting the mean
 
 
+@pytest.mark.slow  # ResNet-20 compiles: about 50 s per API on a loaded machine
 @pytest.mark.parametrize("script", [train_linen, train_nnx])
 def test_cifar10_resnet20_with_mock_data(script):
   tfds = pytest.importorskip("tensorflow_datasets")

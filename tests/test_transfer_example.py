@@ -3,6 +3,11 @@
 import os
 import sys
 
+import pytest
+
+# About 40 s on a loaded 2-core machine: GrOD itself is tested in test_grod.py.
+pytestmark = pytest.mark.slow
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
 
 import transfer  # noqa: E402

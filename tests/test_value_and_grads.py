@@ -27,6 +27,7 @@ def _problem(seed):
 
 
 @given(st.integers(0, 2**31 - 1), st.booleans())
+@pytest.mark.slow  # hypothesis over shapes: about 40 s on a loaded 2-core machine
 def test_equals_two_separate_grads(seed, jit):
   params, x, source = _problem(seed)
   vg = optax_ortho.value_and_grads(_mlp_losses)

@@ -1,0 +1,208 @@
+"""Extra-argument transforms in Flax training loops: the documented recipes.
+
+linen: `optax_ortho.apply_gradients(state, grads, **extra_args)` on a
+`flax.training.train_state.TrainState`; nnx: `nnx.Optimizer.update(model,
+grads, **extra_args)`. Each recipe runs real jitted training steps and must
+give exactly what the bare `tx.update` + `optax.apply_updates` loop gives.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+from flax.training import train_state
+
+import optax_ortho
+
+X = jax.random.normal(jax.random.key(0), (32, 6))
+Y = (X[:, 0] > 0).astype(jnp.int32) + (X[:, 1] > 0).astype(jnp.int32)
+STEPS = 5
+
+
+def ce(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _tx(kind):
+  if kind == "gnp":
+    return optax.chain(optax_ortho.gradient_norm_penalty(0.8, 0.05),
+                       optax.sgd(0.1, momentum=0.9))
+  if kind == "grod":
+    return optax.chain(optax_ortho.grod(1e-2), optax.sgd(0.1, momentum=0.9))
+  if kind == "gal":
+    return optax.chain(optax_ortho.gal(3, 1e-2), optax.adam(1e-2))
+  # All three extra arguments in one chain, with orthonormalize in front of SGD.
+  return optax.chain(optax_ortho.grod(1e-2), optax_ortho.gradient_norm_penalty(0.5, 0.05),
+                     optax_ortho.orthonormalize(), optax.sgd(0.01, momentum=0.9))
+
+
+# The chain of all three is the longest to compile: slow.
+KINDS = ["gnp", "grod", "gal", pytest.param("chain", marks=pytest.mark.slow)]
+
+
+# ------------------------------------------------------------------ linen
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(16)(x)))
+
+
+def _linen_grads(kind, apply_fn, params, x, y):
+  """(loss, grads, extra keyword arguments of update): the recipe of each transform."""
+  def loss_fn(p):
+    return ce(apply_fn({"params": p}, x), y)
+
+  if kind == "gal":
+    return optax_ortho.gal_value_and_grad(
+        lambda p, x: apply_fn({"params": p}, x), ce)(params, x, y)
+
+  def losses(p):
+    return loss_fn(p), 0.5 * sum(jnp.sum(w ** 2) for w in jax.tree.leaves(p))
+
+  (loss, _), (grads, reg_grads) = optax_ortho.value_and_grads(losses)(params)
+  extra = {}
+  if kind in ("grod", "chain"):
+    extra["regularizer_grads"] = reg_grads
+  if kind in ("gnp", "chain"):
+    extra["grad_fn"] = jax.grad(loss_fn)
+  return loss, grads, extra
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_linen_train_state_recipe(kind):
+  model = MLP()
+  params = model.init(jax.random.key(1), X)["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=_tx(kind))
+
+  @jax.jit
+  def train_step(state, x, y):
+    loss, grads, extra = _linen_grads(kind, state.apply_fn, state.params, x, y)
+    return optax_ortho.apply_gradients(state, grads, **extra), loss
+
+  # The same steps without TrainState: the reference.
+  tx = _tx(kind)
+  ref_params, ref_opt = params, tx.init(params)
+
+  @jax.jit
+  def ref_step(params, opt_state, x, y):
+    loss, grads, extra = _linen_grads(kind, model.apply, params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for _ in range(STEPS):
+    state, loss = train_step(state, X, Y)
+    ref_params, ref_opt, _ = ref_step(ref_params, ref_opt, X, Y)
+    losses.append(float(loss))
+  assert int(state.step) == STEPS
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               state.params, ref_params)
+  assert losses[-1] < losses[0], losses
+
+
+def test_linen_subclass_keeps_its_fields():
+  class BNState(train_state.TrainState):
+    batch_stats: dict
+
+  model = MLP()
+  params = model.init(jax.random.key(1), X)["params"]
+  state = BNState.create(apply_fn=model.apply, params=params, tx=_tx("gnp"),
+                         batch_stats={"mean": jnp.ones(3)})
+  grads = jax.grad(lambda p: ce(model.apply({"params": p}, X), Y))(params)
+  new = optax_ortho.apply_gradients(
+      state, grads, grad_fn=jax.grad(lambda p: ce(model.apply({"params": p}, X), Y)))
+  assert isinstance(new, BNState) and int(new.step) == 1
+  np.testing.assert_array_equal(new.batch_stats["mean"], jnp.ones(3))
+
+
+def test_linen_missing_extra_argument_names_it():
+  model = MLP()
+  params = model.init(jax.random.key(1), X)["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=_tx("grod"))
+  grads = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(TypeError, match="regularizer_grads"):
+    optax_ortho.apply_gradients(state, grads)
+
+
+def test_apply_gradients_rejects_a_non_state():
+  with pytest.raises(TypeError, match="TrainState"):
+    optax_ortho.apply_gradients({"params": 1}, {"params": 1})
+
+
+# -------------------------------------------------------------------- nnx
+
+
+class NnxMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(6, 16, rngs=rngs)
+    self.out = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
+
+
+def _nnx_step(kind):
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of_params(params):
+      return ce(nnx.merge(graphdef, params, rest)(x), y)
+
+    params = nnx.state(model, nnx.Param)
+    if kind == "gal":
+      def apply_fn(p, x):
+        return nnx.merge(graphdef, p, rest)(x)
+      loss, grads, extra = optax_ortho.gal_value_and_grad(apply_fn, ce)(params, x, y)
+      # The optimizer hands tx.update plain arrays: so must gal_vjp.
+      vjp = extra["gal_vjp"]
+      extra["gal_vjp"] = lambda ct: nnx.as_pure(vjp(ct))
+    else:
+      def losses(p):
+        return loss_of_params(p), 0.5 * sum(jnp.sum(w ** 2) for w in jax.tree.leaves(p))
+      (loss, _), (grads, reg_grads) = optax_ortho.value_and_grads(losses)(params)
+      extra = {}
+      if kind in ("grod", "chain"):
+        extra["regularizer_grads"] = reg_grads
+      if kind in ("gnp", "chain"):
+        extra["grad_fn"] = jax.grad(loss_of_params)
+    optimizer.update(model, grads, **extra)
+    return loss
+  return train_step
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nnx_optimizer_recipe(kind):
+  model = NnxMLP(nnx.Rngs(1))
+  optimizer = nnx.Optimizer(model, _tx(kind), wrt=nnx.Param)
+  train_step = _nnx_step(kind)
+  losses = [float(train_step(model, optimizer, X, Y)) for _ in range(STEPS)]
+  assert losses[-1] < losses[0], losses
+
+  # The same steps on the pure pytree of parameters: the reference.
+  graphdef, params, rest = nnx.split(NnxMLP(nnx.Rngs(1)), nnx.Param, ...)
+  params = nnx.as_pure(params)
+  tx = _tx(kind)
+  opt_state = tx.init(params)
+  for _ in range(STEPS):
+    def loss_of_params(p):
+      return ce(nnx.merge(graphdef, p, rest)(X), Y)
+    if kind == "gal":
+      _, grads, extra = optax_ortho.gal_value_and_grad(
+          lambda p, x: nnx.merge(graphdef, p, rest)(x), ce)(params, X, Y)
+    else:
+      grads = jax.grad(loss_of_params)(params)
+      extra = {}
+      if kind in ("grod", "chain"):
+        extra["regularizer_grads"] = params
+      if kind in ("gnp", "chain"):
+        extra["grad_fn"] = jax.grad(loss_of_params)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    params = optax.apply_updates(params, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               nnx.as_pure(nnx.state(model, nnx.Param)), params)
