@@ -177,7 +177,7 @@ def resnet20_shapes() -> dict[str, tuple[int, ...]]:
     >>> shapes["stem"], shapes["s1b0proj"], shapes["head"]
     ((3, 3, 3, 16), (1, 1, 16, 32), (64, 10))
   """
-  shapes = {"stem": (3, 3, 3, 16)}
+  shapes: dict[str, tuple[int, ...]] = {"stem": (3, 3, 3, 16)}
   cin = 16
   for stage, cout in enumerate((16, 32, 64)):
     for block in range(3):
@@ -203,7 +203,7 @@ def transformer_shapes(d: int = 512, layers: int = 4,
     >>> shapes["embedding"], shapes["l0_qkv"], shapes["l1_down"]
     ((128, 64), (64, 192), (256, 64))
   """
-  shapes = {"embedding": (vocab, d)}
+  shapes: dict[str, tuple[int, ...]] = {"embedding": (vocab, d)}
   for i in range(layers):
     shapes[f"l{i}_qkv"] = (d, 3 * d)
     shapes[f"l{i}_out"] = (d, d)

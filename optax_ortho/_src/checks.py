@@ -92,7 +92,7 @@ def trees_match(tree: Any, ref: Any, name: str, ref_name: str, *, shapes: bool =
           f"{name}{pa} has shape {jnp.shape(b[i][1])}, but {ref_name}{pa} has"
           f" shape {jnp.shape(a[i][1])}; they must be equal."
       )
-  if jax.tree.structure(ref) != jax.tree.structure(tree):
+  if not same_structure(ref, tree):
     where = _first_container_difference(tree, ref, [p for p, _ in a])
     raise ValueError(
         f"{name} must have the pytree structure of {ref_name}"
@@ -126,6 +126,13 @@ def _first_container_difference(tree: Any, ref: Any, paths: list) -> str:
       except (KeyError, IndexError, AttributeError, TypeError):
         break
   return ""
+
+
+def same_structure(a: Any, b: Any) -> bool:
+  """Whether two pytrees have the same treedef (container types included)."""
+  # jax's stubs give PyTreeDef no comparison operators; the runtime has them.
+  treedef: Any = jax.tree.structure(a)
+  return bool(treedef == jax.tree.structure(b))
 
 
 def finite_matrices(a: jax.Array) -> jax.Array:

@@ -55,7 +55,7 @@ class GalState(NamedTuple):
       (last finite value).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
   adjuster_params: Any
   adjuster_opt_state: optax.OptState
   key: jax.Array

@@ -25,7 +25,7 @@ class GradientNormPenaltyState(NamedTuple):
       schedules.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def _compute_dtype(x: jax.Array):

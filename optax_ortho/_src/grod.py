@@ -27,7 +27,7 @@ class GrodState(NamedTuple):
       so the state stays finite.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
   conflict: Any
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 from optax.contrib import MuonDimensionNumbers
 
-DimNums = MuonDimensionNumbers | None
+DimNums: TypeAlias = MuonDimensionNumbers | None
 
 
 def default_dimension_numbers(x: jax.Array) -> DimNums:
@@ -72,7 +73,9 @@ def resolve_dimension_numbers(
         a = upd_paths[i] if i < len(upd_paths) else None
         b = dim_paths[i] if i < len(dim_paths) else None
         if a != b:
-          where = jax.tree_util.keystr(a if a is not None else b)
+          first = a if a is not None else b
+          assert first is not None  # i < max(len) so one of them exists
+          where = jax.tree_util.keystr(first)
           raise ValueError(
               "dimension_numbers does not match the structure of the"
               f" gradients: first difference at leaf {where} (gradients have"
@@ -88,7 +91,7 @@ def resolve_dimension_numbers(
             f" got {d!r}."
         )
   for (path, x), d in zip(leaves_with_path, dims):
-    if d is None:
+    if not isinstance(d, MuonDimensionNumbers):
       continue
     where = jax.tree_util.keystr(path)
     if x.ndim < 2:

@@ -27,7 +27,7 @@ class StiefelSGDState(NamedTuple):
       is the momentum projected onto the tangent space, as in Li et al.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
   momentum: Any
 
 
@@ -47,7 +47,7 @@ def default_mask(params: Any) -> Any:
 def _resolve_mask(updates, mask) -> list[bool]:
   tree = default_mask(updates) if mask is None else (
       mask(updates) if callable(mask) else mask)
-  if jax.tree.structure(tree) != jax.tree.structure(updates):
+  if not checks.same_structure(tree, updates):
     raise ValueError(
         "mask must be a pytree of bools with the structure of the parameters"
         f" (or a callable returning one); got {jax.tree.structure(tree)} for"
