@@ -207,18 +207,43 @@ def _auto_polar(a: jax.Array, eps: float) -> jax.Array:
   return auto_polar_stack(a, jnp.ones(a.shape[:1], bool), eps)[0]
 
 
+# Tall stacks at least this tall iterate in the n x n Gram space: fewer
+# flops from m >= 2n on, and XLA's CPU products of a tall matrix by a small
+# one are slow, so it pays from 1.5 on (measured 0.64x at 96 x 64, 0.22x at
+# 2048 x 512 of the direct iteration's time).
+_NS_GRAM_MIN_ASPECT = 1.5
+
+
 def _ns_iterate(a: jax.Array, coeffs) -> jax.Array:
   """Odd quintic iteration on a tall stack, in Muon's wide orientation.
 
   Muon runs x <- c0 x + (c1 A + c2 A^2) x with A = x x^T on the wide matrix
   x = a^T; here the same step is written on a directly (A = a^T a), which is
   the transpose of Muon's iterate.
+
+  Every iterate is a times a polynomial in G = a^T a, so for tall matrices
+  the iteration runs on n x n matrices only (the same iterates in exact
+  arithmetic): with B_k = c0 I + c1 G_k + c2 G_k^2, x_{k+1} = x_k B_k and
+  G_{k+1} = B_k G_k B_k = G_k B_k^2 (all commute), and a is multiplied once
+  by the product of the B_k at the end: 4 m n^2 + 34 n^3 flops for 5 steps
+  instead of 20 m n^2 + 10 n^3.
   """
-  for c0, c1, c2 in coeffs:
-    gram = _mT(a) @ a
-    b = c1 * gram + c2 * (gram @ gram)
-    a = c0 * a + a @ b
-  return a
+  m, n = a.shape[-2:]
+  if m < _NS_GRAM_MIN_ASPECT * n:
+    for c0, c1, c2 in coeffs:
+      gram = _mT(a) @ a
+      b = c1 * gram + c2 * (gram @ gram)
+      a = c0 * a + a @ b
+    return a
+  g = _mT(a) @ a
+  eye = jnp.eye(n, dtype=a.dtype)
+  p = None
+  for i, (c0, c1, c2) in enumerate(coeffs):
+    b = c0 * eye + c1 * g + c2 * (g @ g)
+    p = b if p is None else p @ b
+    if i + 1 < len(coeffs):
+      g = g @ (b @ b)
+  return a if p is None else a @ p
 
 
 def _newton_schulz_polar(a: jax.Array, steps: int) -> jax.Array:
