@@ -169,8 +169,9 @@ def polar_groups(
   axes = () if mesh is None else _free_axes(mesh)
   devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in axes)
   if flags is not None:
-    stacks = [(a, f.astype(jnp.int32)) for a, f in zip(stacks, flags)]
-  if devices == 1 or not stacks:
+    stacks = [(a, f.astype(jnp.int32))  # type: ignore[misc]
+              for a, f in zip(stacks, flags)]
+  if devices == 1 or not stacks or mesh is None:
     return split([polar(a) for a in stacks])
 
   def rows_of(a):

@@ -62,7 +62,7 @@ def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
   """`x` with `ref`'s sharding where a mesh is set, so the state type is stable."""
   sharding = getattr(jax.typeof(ref), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or mesh.empty or not any(
+  if sharding is None or mesh is None or mesh.empty or not any(
       t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     return x
   return jax.sharding.reshard(x, sharding.spec)
