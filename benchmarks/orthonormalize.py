@@ -174,21 +174,22 @@ def main(argv=None):
   trees = {t: tree_of(t) for t in args.trees}
   busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
           for _ in range(args.load)]
+  meta = {"device": str(jax.devices()[0]), "jax": jax.__version__,
+          "machine": platform.machine(), "cpus": os.cpu_count(), "reps": args.reps,
+          "grads": args.grads, "busy_processes": args.load,
+          "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
+  rows = []
   try:
-    load_before = os.getloadavg()
-    rows = [r for t in args.trees for r in bench_tree(t, trees[t], args.reps)]
-    load_after = os.getloadavg()
+    meta["loadavg_before"] = os.getloadavg()
+    for t in args.trees:
+      rows += bench_tree(t, trees[t], args.reps)
+      meta["loadavg_after"] = os.getloadavg()
+      with open(args.out, "w") as f:  # after every tree: a partial run counts
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
   finally:
     for p in busy:
       p.kill()
       p.wait()
-  meta = {"device": str(jax.devices()[0]), "jax": jax.__version__,
-          "machine": platform.machine(), "cpus": os.cpu_count(), "reps": args.reps,
-          "grads": args.grads, "busy_processes": args.load,
-          "loadavg_before": load_before, "loadavg_after": load_after,
-          "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
-  with open(args.out, "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
   print(f"{meta}\n")
   print("| pytree | candidate | x naive SVD | x muon | rel. error vs float64 |")
   print("|---|---|---|---|---|")
