@@ -14,6 +14,7 @@ from optax_ortho._src.grod import grod
 from optax_ortho._src.orthogonal_map import hyperspherical_energy
 from optax_ortho._src.orthogonal_map import orthogonal_map
 from optax_ortho._src.orthogonal_map import orthogonality_penalty
+from optax_ortho._src.orthonormalize import OrthonormalizeState
 from optax_ortho._src.orthonormalize import orthogonal_adam
 from optax_ortho._src.orthonormalize import orthogonal_sgd
 from optax_ortho._src.orthonormalize import orthonormalize
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GalState",
     "GrodState",
+    "OrthonormalizeState",
     "StiefelSGDState",
     "apply_gradients",
     "gal",

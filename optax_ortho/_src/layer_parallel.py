@@ -132,11 +132,13 @@ def polar_groups(
     eps: float | None,
     ns_steps: int,
     mesh: Mesh | None = None,
-) -> list[jax.Array]:
+    flags: Sequence[jax.Array] | None = None,
+) -> tuple[list[jax.Array], list[jax.Array] | None]:
   """Polar factors of float32 stacks ``(k, m, n)``, m >= n, spread over a mesh.
 
-  Returns replicated stacks of the input shapes. With no mesh, or a mesh of
-  one device, this is exactly the replicated computation.
+  Returns replicated stacks of the input shapes (and, with `flags`, the
+  next route flags of `"auto"`). With no mesh, or a mesh of one device, this
+  is exactly the replicated computation.
 
   Args:
     stacks: one stack per group of same-shaped matrices.
@@ -145,18 +147,37 @@ def polar_groups(
     ns_steps: iterations of the iterative methods.
     mesh: the mesh to spread over; None: the mesh set by ``jax.set_mesh``, or
       else the mesh of the stacks' Explicit sharding.
+    flags: for `"auto"`, the route flags ``(k,)`` of each stack
+      (`polar_lib.auto_polar_stack`); they travel with their matrices.
   """
 
   def polar(a):
-    return polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps)
+    # A (k, m, n) stack, or with flags a pair (stack, int32 flags (k,)).
+    if flags is None:
+      return polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps)
+    q, f = polar_lib.auto_polar_stack(a[0], a[1].astype(bool), eps)
+    return q, f.astype(jnp.int32)
+
+  def split(outs):
+    if flags is None:
+      return list(outs), None
+    return [q for q, _ in outs], [f.astype(bool) for _, f in outs]
+
+  tmap = jax.tree.map
 
   mesh = _mesh_of(stacks, mesh)
   axes = () if mesh is None else _free_axes(mesh)
   devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in axes)
-  if devices == 1 or not stacks:
-    return [polar(a) for a in stacks]
+  if flags is not None:
+    stacks = [(a, f.astype(jnp.int32))  # type: ignore[misc]
+              for a, f in zip(stacks, flags)]
+  if devices == 1 or not stacks or mesh is None:
+    return split([polar(a) for a in stacks])
 
-  plan = schedule([a.shape for a in stacks], devices)
+  def rows_of(a):
+    return jax.tree.leaves(a)[0].shape[0]
+
+  plan = schedule([jax.tree.leaves(a)[0].shape for a in stacks], devices)
   # How each group's results travel back. A device's block holds the most
   # matrices any device got of that group; all-gathering the blocks moves
   # about the group's bytes when it spreads evenly. A group with fewer
@@ -164,7 +185,7 @@ def polar_groups(
   # zero-filled stacks (each slot written by one device) moves fewer bytes.
   block = [max(len(own.get(g, ())) for own in plan)
            for g in range(len(stacks))]
-  gathered = [devices * b < 2 * a.shape[0] for b, a in zip(block, stacks)]
+  gathered = [devices * b < 2 * rows_of(a) for b, a in zip(block, stacks)]
 
   def make_branch(own):
     def branch(full):
@@ -172,15 +193,18 @@ def polar_groups(
       for g, a in enumerate(full):
         rows = np.asarray(own.get(g, ()), np.int32)
         if gathered[g]:
-          buf = jnp.zeros((block[g],) + a.shape[1:], a.dtype)
+          buf = tmap(lambda x, g=g: jnp.zeros((block[g],) + x.shape[1:],
+                                              x.dtype), a)
           if rows.size:
-            buf = buf.at[: rows.size].set(polar(a[rows]))
-        elif rows.size == a.shape[0]:  # this device holds the whole group
+            buf = tmap(lambda b, q, r=rows: b.at[: r.size].set(q), buf,
+                       polar(tmap(lambda x, r=rows: x[r], a)))
+        elif rows.size == rows_of(a):  # this device holds the whole group
           buf = polar(a)
         else:
-          buf = jnp.zeros_like(a)
+          buf = tmap(jnp.zeros_like, a)
           if rows.size:
-            buf = buf.at[rows].set(polar(a[rows]))
+            buf = tmap(lambda b, q, r=rows: b.at[r].set(q), buf,
+                       polar(tmap(lambda x, r=rows: x[r], a)))
         out.append(buf)
       return out
 
@@ -195,7 +219,7 @@ def polar_groups(
 
   # Row of matrix i of a gathered group in the all-gather: device d's block
   # starts at d * block.
-  where = [np.zeros(a.shape[0], np.int32) for a in stacks]
+  where = [np.zeros(rows_of(a), np.int32) for a in stacks]
   for d, own in enumerate(plan):
     for g, idx in own.items():
       where[g][list(idx)] = d * block[g] + np.arange(len(idx))
@@ -209,16 +233,18 @@ def polar_groups(
     else:
       out = branches[0](full)
     return [
-        jax.lax.all_gather(q, axes, tiled=True, to="invarying")[where[g]]
-        if gathered[g] else jax.lax.psum(q, axes)
+        tmap(lambda q, g=g: jax.lax.all_gather(
+            q, axes, tiled=True, to="invarying")[where[g]], q)
+        if gathered[g] else tmap(lambda q: jax.lax.psum(q, axes), q)
         for g, q in enumerate(out)
     ]
 
-  replicated = [_constrain(a, mesh, PartitionSpec()) for a in stacks]
-  return jax.shard_map(
+  replicated = tmap(lambda a: _constrain(a, mesh, PartitionSpec()), stacks)
+  specs = tmap(lambda _: PartitionSpec(), stacks)
+  return split(jax.shard_map(
       own_matrices,
       mesh=mesh,
-      in_specs=([PartitionSpec()] * len(stacks),),
-      out_specs=[PartitionSpec()] * len(stacks),
+      in_specs=(specs,),
+      out_specs=specs,
       axis_names=frozenset(axes),
-  )(replicated)
+  )(replicated))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Callable
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +62,54 @@ def _alias(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+class OrthonormalizeState(NamedTuple):
+  """State of `orthonormalize("auto")`.
+
+  Attributes:
+    use_gram: one flag per gradient matrix (in the order of the shape groups):
+      try the Gram route first at the next step. Set from this step's
+      eigenvalues or singular values.
+  """
+
+  use_gram: jax.Array
+
+
+def _group(leaves, dims):
+  """Same-shaped matrices grouped: {(rows, cols, compute dtype): leaf indices}."""
+  views: dict[int, mv.MatrixView] = {}
+  groups: dict[tuple[int, int, Any], list[int]] = collections.defaultdict(list)
+  for i, (x, d) in enumerate(zip(leaves, dims)):
+    if d is None or x.size == 0:
+      continue
+    views[i] = mv.matrix_view(x, d)
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    groups[(views[i].rows, views[i].cols, compute)].append(i)
+  return groups, views
+
+
+def _split_flags(use_gram: jax.Array, sizes: list[int]) -> list[jax.Array]:
+  if use_gram.shape != (sum(sizes),):
+    raise ValueError(
+        "orthonormalize('auto') state does not match the gradients: the state"
+        f" holds {use_gram.shape} flags, the gradients have {sum(sizes)}"
+        " matrices (was init called with parameters of another structure?)."
+    )
+  bounds = list(itertools.accumulate(sizes))[:-1]
+  return list(jnp.split(use_gram, bounds)) if sizes else []
+
+
+def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """`x` with `ref`'s sharding where a mesh is set, so the state type is stable."""
+  sharding = getattr(jax.typeof(ref), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if sharding is None or mesh is None or mesh.empty or not any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return x
+  return jax.sharding.reshard(x, sharding.spec)
+
+
 def orthonormalize(
-    method: polar_lib.PolarMethod = "svd",
+    method: polar_lib.PolarMethod = "auto",
     *,
     dimension_numbers: Any | Callable[[Any], Any] | None = None,
     eps: float | None = None,
@@ -91,7 +139,14 @@ def orthonormalize(
   does (or use :func:`orthogonal_sgd` / :func:`orthogonal_adam`).
 
   Args:
-    method: how to compute the polar factor; see :func:`optax_ortho.polar`.
+    method: how to compute the polar factor; see `optax_ortho.polar`. The
+      default `"auto"` is exact and the fastest exact route per matrix: the
+      Gram route (one `eigh` of the smaller Gram matrix) where it is exact,
+      the SVD elsewhere, remembered from step to step in the state (a matrix
+      whose Gram route failed the check goes straight to the SVD at the next
+      step, and back when its singular values allow), so it is never slower
+      than `"svd"` beyond one extra `eigh` when a matrix's conditioning
+      changes.
     dimension_numbers: ``None`` for the default view; or a pytree matching the
       gradients, or a callable from gradients to such a pytree, whose leaves
       are ``optax.contrib.MuonDimensionNumbers`` (axes of the matrix view; other
@@ -111,7 +166,8 @@ def orthonormalize(
       gradients.
 
   Returns:
-    An ``optax.GradientTransformation`` with an empty state.
+    An ``optax.GradientTransformation``; its state is `OrthonormalizeState`
+    (one route flag per gradient matrix) for `"auto"`, empty otherwise.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -136,31 +192,39 @@ def orthonormalize(
   _check_eps(eps)
   layer_parallel.check_parallel(parallel, mesh)
 
+  stateful = method == "auto"
+
   def init_fn(params):
-    del params
-    return optax.EmptyState()
+    if not stateful:
+      return optax.EmptyState()
+    leaves = jax.tree.leaves(params)
+    groups, views = _group(leaves, mv.resolve_dimension_numbers(
+        params, dimension_numbers))
+    total = sum(views[i].batch for idx in groups.values() for i in idx)
+    # Every matrix tries the Gram route first; the first step corrects this.
+    return OrthonormalizeState(use_gram=jnp.ones((total,), bool))
 
   def update_fn(updates, state, params=None):
     del params
     checks.float_leaves(updates, "updates")
     leaves, treedef = jax.tree.flatten(updates)
     dims = mv.resolve_dimension_numbers(updates, dimension_numbers)
-    views: dict[int, mv.MatrixView] = {}
-    groups: dict[tuple[int, int, Any], list[int]] = collections.defaultdict(list)
-    for i, (x, d) in enumerate(zip(leaves, dims)):
-      if d is None or x.size == 0:
-        continue
-      views[i] = mv.matrix_view(x, d)
-      compute = jnp.promote_types(x.dtype, jnp.float32)
-      groups[(views[i].rows, views[i].cols, compute)].append(i)
+    groups, views = _group(leaves, dims)
 
     stacks = []
     for (_, _, compute), idx in groups.items():
       parts = [mv.to_stack(leaves[i], views[i], compute) for i in idx]
       stacks.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+    flags = None
+    if stateful:
+      flags = _split_flags(state.use_gram, [a.shape[0] for a in stacks])
     if parallel == "layers":
-      qs = layer_parallel.polar_groups(
-          stacks, method, eps=eps, ns_steps=ns_steps, mesh=mesh)
+      qs, flags = layer_parallel.polar_groups(
+          stacks, method, eps=eps, ns_steps=ns_steps, mesh=mesh, flags=flags)
+    elif flags is not None:
+      qs, flags = map(list, zip(*[
+          polar_lib.auto_polar_stack(a, f, eps) for a, f in zip(stacks, flags)
+      ])) if stacks else ([], [])
     else:
       qs = [polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps)
             for a in stacks]
@@ -172,6 +236,9 @@ def orthonormalize(
         k = views[i].batch
         out[i] = mv.from_stack(q[start:start + k], views[i], leaves[i])
         start += k
+    if stateful:
+      new = (jnp.concatenate(flags) if flags else state.use_gram)
+      state = OrthonormalizeState(use_gram=_like(new, state.use_gram))
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -211,7 +278,7 @@ def orthogonal_sgd(
     momentum: momentum decay in [0, 1); ``0`` or ``None`` for plain SGD.
     nesterov: Nesterov momentum (a bool).
     weight_decay: coupled L2 weight decay, >= 0.
-    method: polar method (default ``"auto"``: exact, fastest by shape).
+    method: polar method (default ``"auto"``: exact, fastest route per matrix).
     dimension_numbers: see :func:`orthonormalize`.
 
   Returns:

@@ -1,10 +1,15 @@
 """Polar factor U V^T of a matrix, or of a stack of matrices.
 
-Every LAPACK decomposition here runs on ONE matrix at a time through `jax.lax.map`.
-jaxlib 0.10.2's batched CPU LAPACK kernels (`ParallelBatchMap`) were seen to hang
-forever on 2-core machines when a jitted program held several of them (see
-"Platform hazards" in DESIGN.md); a loop of unbatched calls cannot enter that code.
-Matrix products, which do not go through LAPACK, stay batched.
+The solver lowering is chosen per platform with `jax.lax.platform_dependent`.
+On CPU every LAPACK decomposition runs on ONE matrix at a time through
+`jax.lax.map`: jaxlib 0.10.2's batched CPU LAPACK kernels (`ParallelBatchMap`)
+were seen to hang forever on 2-core machines when a jitted program held several
+of them (see "Platform hazards" in DESIGN.md); a loop of unbatched calls cannot
+enter that code. On GPU and TPU each stack of same-shaped matrices goes to ONE
+batched solver call (cuSOLVER's batched kernels; TPU's batched HLO), with no
+loop around it. The branch is resolved when the program is lowered for its
+platform, so the CPU program never contains the batched call.
+Matrix products, which do not go through LAPACK, stay batched everywhere.
 """
 
 from __future__ import annotations
@@ -83,16 +88,26 @@ def _mT(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, -1, -2)
 
 
-def _per_matrix(fn: Callable, x: jax.Array):
-  """Applies `fn` to each (m, n) matrix of a (k, m, n) stack, one at a time."""
-  return jax.lax.map(fn, x)
+def _per_matrix(fn: Callable, x):
+  """Applies `fn` to each (m, n) matrix of a (k, m, n) stack (or a tuple of stacks).
+
+  On CPU one matrix at a time (`jax.lax.map`, the hang workaround); elsewhere
+  batched (`jax.vmap`: one solver call for the whole stack, no while loop).
+  """
+  return jax.lax.platform_dependent(
+      x, cpu=lambda x: jax.lax.map(fn, x), default=jax.vmap(fn))
 
 
-def _svd_one(m: jax.Array, eps: float) -> jax.Array:
+def _svd_factor(m: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """Pseudo-polar factor of one matrix by SVD, and its singular values."""
   u, s, vt = jnp.linalg.svd(m, full_matrices=False)
   floor = noise_floor(m.shape[0], m.shape[1], m.dtype)
   keep = s > jnp.maximum(eps, floor) * s[0]
-  return jnp.matmul(u * keep, vt, precision=_HIGHEST)
+  return jnp.matmul(u * keep, vt, precision=_HIGHEST), s
+
+
+def _svd_one(m: jax.Array, eps: float) -> jax.Array:
+  return _svd_factor(m, eps)[0]
 
 
 def _svd_polar(a: jax.Array, eps: float) -> jax.Array:
@@ -106,7 +121,7 @@ def _gram_eig(a: jax.Array):
   return _per_matrix(jnp.linalg.eigh, gram)
 
 
-def _gram_from_eig(a, w, v, wtol: float) -> jax.Array:
+def _gram_from_eig(a, w, v, wtol: float | jax.Array) -> jax.Array:
   """a (G^T G)^(-1/2) from the eigendecomposition of the Gram matrix."""
   w_max = w[..., -1:]
   keep = w > wtol * w_max
@@ -124,22 +139,101 @@ def _gram_polar(a: jax.Array, eps: float) -> jax.Array:
   return _gram_from_eig(a, w, v, wtol)
 
 
+def _gram_ok(w: jax.Array) -> jax.Array:
+  """Whether the Gram route is exact enough, from the Gram eigenvalues (ascending)."""
+  return (w[..., 0] * _GRAM_MAX_COND**2 >= w[..., -1]) & (w[..., -1] > 0)
+
+
+def _svd_route(m: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """Exact polar factor of one matrix by SVD, and whether the Gram route would do."""
+  q, s = _svd_factor(m, eps)
+  return q, (s[-1] * _GRAM_MAX_COND >= s[0]) & (s[0] > 0)
+
+
+def _auto_cpu(a: jax.Array, use_gram: jax.Array, eps: float):
+  """One matrix at a time: each takes the route its flag says, and only those
+  whose Gram check fails pay for the SVD as well."""
+
+  def one(args):
+    x, flag = args
+
+    def by_gram(x):
+      w, v = _gram_eig(x[None])
+      q = _gram_from_eig(x[None], w, v, 0.0)[0]
+      return jax.lax.cond(_gram_ok(w)[0], lambda: (q, jnp.bool_(True)),
+                          lambda: _svd_route(x, eps))
+
+    return jax.lax.cond(flag, by_gram, lambda x: _svd_route(x, eps), x)
+
+  return jax.lax.map(one, (a, use_gram))
+
+
+def _auto_batched(a: jax.Array, use_gram: jax.Array, eps: float):
+  """The whole stack at once: at most one batched eigh and one batched SVD,
+  each behind a real branch (`cond`, not a select): a stack whose flags say
+  SVD never runs the eigh, and one that passes the Gram check never runs the
+  SVD."""
+  k = a.shape[0]
+
+  def by_gram(a):
+    w, v = _gram_eig(a)
+    return _gram_from_eig(a, w, v, 0.0), _gram_ok(w)
+
+  def no_gram(a):
+    return jnp.zeros_like(a), jnp.zeros((k,), bool)
+
+  q, ok = jax.lax.cond(jnp.all(use_gram), by_gram, no_gram, a)
+
+  def by_svd(a):
+    return jax.vmap(lambda x: _svd_route(x, eps))(a)
+
+  def no_svd(a):
+    return jnp.zeros_like(a), jnp.zeros((k,), bool)
+
+  q_svd, ok_svd = jax.lax.cond(jnp.all(ok), no_svd, by_svd, a)
+  return jnp.where(ok[:, None, None], q, q_svd), ok | ok_svd
+
+
+def auto_polar_stack(
+    a: jax.Array, use_gram: jax.Array, eps: float | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """`"auto"` with a route per matrix: exact, and no slower than the SVD.
+
+  `use_gram` (k,) bool says, per matrix of the (k, m, n) stack, to try the Gram
+  route (one eigh of the n x n Gram matrix, checked: its float32 error grows
+  like eps * cond^2, so it is kept only for cond <= 10) before the SVD. Returns
+  the polar factors and the flags for the next call: a matrix that passed the
+  check keeps the Gram route; one that took the SVD goes back to the Gram route
+  when its singular values say it would pass. Gradients change slowly from step
+  to step, so a low-rank or ill-conditioned layer pays for one SVD per step,
+  not for an eigh and then an SVD. Non-finite matrices come out NaN and keep
+  their flag.
+  """
+  m, n = a.shape[-2:]
+  if a.size == 0:
+    return a, use_gram
+  eps = default_eps(m, n) if eps is None else eps
+  a, finite = checks.lapack_input(a)
+  a = _unit_scale(a)  # as in `polar_stack`: any finite scale, same factor
+  q, ok = jax.lax.platform_dependent(
+      a, use_gram,
+      cpu=lambda a, f: _auto_cpu(a, f, eps),
+      default=lambda a, f: _auto_batched(a, f, eps))
+  return checks.poison(q, finite), jnp.where(finite, ok, use_gram)
+
+
 def _auto_polar(a: jax.Array, eps: float) -> jax.Array:
   m, n = a.shape[-2:]
   if m < _GRAM_MIN_ASPECT * n:
     return _svd_polar(a, eps)
-  w, v = _gram_eig(a)
-  ok = (w[..., 0] * _GRAM_MAX_COND**2 >= w[..., -1]) & (w[..., -1] > 0)
-  q = _gram_from_eig(a, w, v, 0.0)
+  return auto_polar_stack(a, jnp.ones(a.shape[:1], bool), eps)[0]
 
-  def fix(args):
-    mat, q_mat, ok_mat = args
-    return jax.lax.cond(ok_mat, lambda: q_mat, lambda: _svd_one(mat, eps))
 
-  # Real branches (not selects): only the matrices that failed the check, if
-  # any, pay for an SVD (gradients of small layers often are low-rank).
-  return jax.lax.cond(
-      jnp.all(ok), lambda: q, lambda: _per_matrix(fix, (a, q, ok)))
+# Tall stacks at least this tall iterate in the n x n Gram space: fewer
+# flops from m >= 2n on, and XLA's CPU products of a tall matrix by a small
+# one are slow, so it pays from 1.5 on (measured 0.64x at 96 x 64, 0.22x at
+# 2048 x 512 of the direct iteration's time).
+_NS_GRAM_MIN_ASPECT = 1.5
 
 
 def _ns_iterate(a: jax.Array, coeffs) -> jax.Array:
@@ -148,12 +242,30 @@ def _ns_iterate(a: jax.Array, coeffs) -> jax.Array:
   Muon runs x <- c0 x + (c1 A + c2 A^2) x with A = x x^T on the wide matrix
   x = a^T; here the same step is written on a directly (A = a^T a), which is
   the transpose of Muon's iterate.
+
+  Every iterate is a times a polynomial in G = a^T a, so for tall matrices
+  the iteration runs on n x n matrices only (the same iterates in exact
+  arithmetic): with B_k = c0 I + c1 G_k + c2 G_k^2, x_{k+1} = x_k B_k and
+  G_{k+1} = B_k G_k B_k = G_k B_k^2 (all commute), and a is multiplied once
+  by the product of the B_k at the end: 4 m n^2 + 34 n^3 flops for 5 steps
+  instead of 20 m n^2 + 10 n^3.
   """
-  for c0, c1, c2 in coeffs:
-    gram = _mT(a) @ a
-    b = c1 * gram + c2 * (gram @ gram)
-    a = c0 * a + a @ b
-  return a
+  m, n = a.shape[-2:]
+  if m < _NS_GRAM_MIN_ASPECT * n:
+    for c0, c1, c2 in coeffs:
+      gram = _mT(a) @ a
+      b = c1 * gram + c2 * (gram @ gram)
+      a = c0 * a + a @ b
+    return a
+  g = _mT(a) @ a
+  eye = jnp.eye(n, dtype=a.dtype)
+  p = None
+  for i, (c0, c1, c2) in enumerate(coeffs):
+    b = c0 * eye + c1 * g + c2 * (g @ g)
+    p = b if p is None else p @ b
+    if i + 1 < len(coeffs):
+      g = g @ (b @ b)
+  return a if p is None else a @ p
 
 
 def _newton_schulz_polar(a: jax.Array, steps: int) -> jax.Array:
@@ -246,9 +358,11 @@ def polar(
   * ``"polar_express"``: the optimal per-step polynomials of Amsel et al.
     (2025). Approximate: after 5 steps singular values lie within about
     [0.85, 1.15], and more steps converge to the exact factor.
-  * ``"auto"``: an exact method picked per shape: the Gram route for tall or
-    wide matrices whose condition number it verifies at run time (falling back
-    to SVD otherwise), SVD for square-ish ones.
+  * ``"auto"``: exact, the fastest route per matrix: the Gram route for tall
+    or wide matrices whose condition number it verifies at run time (falling
+    back to SVD otherwise), SVD for square-ish ones. Inside `orthonormalize`
+    the route of each matrix is kept in the state, so a matrix that needed
+    the SVD last step goes straight to it.
 
   ``jax.scipy.linalg.polar`` (QDWH) is exact too, but measured here it was 2-4x
   slower than the SVD on CPU, so it is not used.
