@@ -218,7 +218,7 @@ def test_orthogonal_adam_float16_first_step_is_finite():
   grads = {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float16)}
   # The root cause: Adam's nu in float16 flushes the squared orthonormalised
   # update to zero, and eps=1e-8 is zero in float16 too: 0/0 or x/0.
-  q = optax_ortho.orthonormalize().update(grads, None)[0]["w"]
+  q = optax_ortho.polar(grads["w"])
   assert int(jnp.sum((1 - 0.999) * jnp.square(q) == 0)) > 0
   naive = optax.chain(optax_ortho.orthonormalize("auto"), optax.adam(1e-3))
   assert int(jnp.isinf(naive.update(grads, naive.init(params), params)[0]["w"]
@@ -237,12 +237,14 @@ def test_orthogonal_adam_float16_first_step_is_finite():
   first = tx.update(grads, tx.init(params), params)[0]["w"]
   np.testing.assert_allclose(np.asarray(first, np.float32), ref, rtol=2e-3,
                              atol=1e-6)
-  # The moments are float32; bfloat16 keeps optax.adam's bfloat16 moments.
-  assert {x.dtype for x in jax.tree.leaves(tx.init(params))
-          if x.ndim} == {jnp.dtype(jnp.float32)}
+  # The moments are float32; bfloat16 keeps optax.adam's bfloat16 moments
+  # ("auto"'s per-matrix route flags are bools).
+  def moment_dtypes(state):
+    return {x.dtype for x in jax.tree.leaves(state)
+            if x.ndim and jnp.issubdtype(x.dtype, jnp.floating)}
+  assert moment_dtypes(tx.init(params)) == {jnp.dtype(jnp.float32)}
   pb = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-  assert {x.dtype for x in jax.tree.leaves(tx.init(pb))
-          if x.ndim} == {jnp.dtype(jnp.bfloat16)}
+  assert moment_dtypes(tx.init(pb)) == {jnp.dtype(jnp.bfloat16)}
 
 
 X64_SCRIPT = textwrap.dedent("""
@@ -260,7 +262,8 @@ X64_SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(q, testing.polar_reference(a), atol=1e-10)
       for parallel in ("replicated", "layers"):
         tx = optax_ortho.orthonormalize(method, parallel=parallel)
-        out, _ = jax.jit(tx.update)({"w": jnp.asarray(a[0])}, tx.init(None))
+        w = {"w": jnp.asarray(a[0])}
+        out, _ = jax.jit(tx.update)(w, tx.init(w))
         assert out["w"].dtype == jnp.float64
     params = {"w": jnp.asarray(a[0]), "b": jnp.zeros(5)}
     for tx in (optax_ortho.orthogonal_sgd(0.1), optax_ortho.orthogonal_adam(0.1)):
@@ -284,15 +287,19 @@ _BASE = np.random.default_rng(3).standard_normal((7, 4)).astype(np.float32)
 
 
 @pytest.mark.parametrize("method", METHODS)
-@given(exponent=st.integers(-37, 37))
+@given(exponent=st.integers(-36, 37))
 def test_polar_is_scale_free(method, exponent):
   # Entries up to 1e+-37 (float32's normal range): squaring them for the
   # Gram matrix or a norm used to give NaN or zero outside about 1e+-19.
+  # (At 1e-37 the smallest entries of _BASE, 0.024, become subnormal and XLA
+  # flushes them to zero: another matrix, so that scale is not in the range.)
   scale = np.float32(10.0**exponent)
   out = np.asarray(optax_ortho.polar(_BASE * scale, method=method))
   ref = np.asarray(optax_ortho.polar(_BASE, method=method))
-  # The iterative methods amplify the rounding of the scaled input a little.
-  np.testing.assert_allclose(out, ref, atol=2e-6 if method in EXACT else 1e-5)
+  # The iterative methods amplify the rounding of the scaled input a little
+  # (their Gram-space form on tall matrices: measured at most 2e-5 over the
+  # range for polar_express, 4e-7 for newton_schulz).
+  np.testing.assert_allclose(out, ref, atol=2e-6 if method in EXACT else 3e-5)
   if method in EXACT:
     testing.assert_pseudo_polar(_BASE, out, atol=2e-6)
 
