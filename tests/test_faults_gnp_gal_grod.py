@@ -192,6 +192,7 @@ def test_gal_empty_batch_keeps_the_state():
                out, params)
 
 
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_gal_vjp_wrong_shape_names_the_leaf():
   tx = optax_ortho.gal(3, 0.1, hidden_sizes=(8,))
   params = _gal_params()
@@ -230,6 +231,7 @@ def test_gal_low_precision_keeps_dtype(dtype):
   assert _finite_tree(out) and _finite_tree(state)
 
 
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_gal_float64_keeps_dtype():
   with jax.enable_x64(True):
     tx = optax_ortho.gal(3, 0.1, alpha=0.1, beta=0.1, hidden_sizes=(8,))

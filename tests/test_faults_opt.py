@@ -65,6 +65,7 @@ _HANG_SCRIPT = textwrap.dedent('''
 ''') % {"methods": METHODS}
 
 
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_non_finite_never_hangs_and_stays_in_its_matrix():
   env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=ROOT)
   try:
@@ -126,6 +127,7 @@ def test_energy_zero_neuron_gradient_finite():
 
 
 @pytest.mark.parametrize("kind", ["zero", "rank1"])
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_stiefel_zero_and_rank_deficient_leaves_move_onto_the_manifold(kind):
   x = jnp.zeros((6, 3)) if kind == "zero" else jnp.ones((6, 3))
   target = jax.random.normal(jax.random.key(0), (6, 3))
@@ -220,6 +222,7 @@ def test_layer_options(kwargs, match):
 # Dtypes.
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_low_precision_kept(dtype):
   r = jax.random.normal(jax.random.key(0), (5, 5)).astype(dtype)
   for m in METHODS:
@@ -235,6 +238,7 @@ def test_low_precision_kept(dtype):
   assert layer.apply(v, jnp.ones((2, 6), dtype)).dtype == dtype
 
 
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_float64_kept():
   with jax.enable_x64(True):
     r = jax.random.normal(jax.random.key(0), (5, 5), jnp.float64)

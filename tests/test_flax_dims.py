@@ -105,6 +105,7 @@ def test_a_module_named_key_outside_attention_gets_the_default():
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_linen_equals_torch_linear_reshape(use_bias):
   params = _linen_params(use_bias)
   grads = _random_like(params)
@@ -123,6 +124,7 @@ def test_linen_equals_torch_linear_reshape(use_bias):
     np.testing.assert_array_equal(out[name]["kernel"], ref[name]["kernel"])
 
 
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_default_view_mixes_heads():
   """The reason for the helper: the default view orthonormalises other matrices."""
   params = _linen_params()
@@ -153,6 +155,7 @@ def test_nnx_views():
   assert views["['head']['bias'].value"] is None
 
 
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_nnx_equals_torch_linear_reshape_in_a_training_step():
   model, params = _nnx_state()
   x = jax.random.normal(jax.random.key(2), (2, 5, 6))
@@ -197,6 +200,7 @@ def test_matches_optax_muon_dimension_numbers_contract():
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # 10-50 s on 2 cores; CI runs it (python -m pytest -m slow)
 def test_adam_chain_with_optax():
   params = _linen_params()
   tx = optax.chain(
