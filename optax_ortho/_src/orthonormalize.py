@@ -105,7 +105,9 @@ def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
   if sharding is None or mesh is None or mesh.empty or not any(
       t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     return x
-  return jax.sharding.reshard(x, sharding.spec)
+  # The sharding itself, not its bare spec: it carries the mesh, so this works
+  # without a `jax.set_mesh` context (arrays placed with `jax.device_put`).
+  return jax.sharding.reshard(x, sharding)
 
 
 def orthonormalize(
