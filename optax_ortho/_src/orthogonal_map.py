@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from optax_ortho._src import checks
-from optax_ortho._src import polar as polar_lib
 
 OrthogonalMapMethod = Literal["cayley", "gram_schmidt", "householder", "lowdin"]
 MAP_METHODS: tuple[str, ...] = ("cayley", "gram_schmidt", "householder", "lowdin")
@@ -170,7 +169,7 @@ def orthogonal_map(
     code: <https://github.com/wy1iu/OPT>.
   """
   check_map_method(method)
-  polar_lib.check_float(r, "r")
+  checks.float_leaves(r, "r")
   if r.ndim < 2 or r.shape[-1] != r.shape[-2]:
     raise ValueError(
         f"r must be a square matrix or a batch of them (..., n, n), got shape"
@@ -190,7 +189,7 @@ def orthogonal_map(
 
 def neuron_matrix(kernel: jax.Array, name: str = "kernel") -> jax.Array:
   """(fan_in, neurons) float32 view of a Flax kernel: last axis = neurons."""
-  polar_lib.check_float(kernel, name)
+  checks.float_leaves(kernel, name)
   if kernel.ndim < 2:
     raise ValueError(
         f"{name} must have ndim >= 2 (..., neurons), got shape {kernel.shape}."

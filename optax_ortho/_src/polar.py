@@ -322,15 +322,6 @@ def polar_stack(
   return checks.poison(q, ok)
 
 
-def check_float(x: jax.Array, name: str) -> None:
-  dtype = jnp.result_type(x)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-        f"{name} must have a real floating dtype (float32, bfloat16, ...),"
-        f" got {dtype}."
-    )
-
-
 def polar(
     x: jax.Array,
     *,
@@ -402,7 +393,7 @@ def polar(
     Application to the Muon Algorithm <https://arxiv.org/abs/2505.16932>`_, 2025.
   """
   check_method(method)
-  check_float(x, "x")
+  checks.float_leaves(x, "x")
   if x.ndim < 2:
     raise ValueError(f"x must have ndim >= 2 (..., m, n), got shape {x.shape}.")
   if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or ns_steps < 1:
