@@ -64,6 +64,7 @@ def test_gnp_matches_their_train_step(alpha, prefix, normalize_g1):
     np.testing.assert_allclose(out[k], _GNP[f"{prefix}_{k}"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_gnp_default_differs_from_their_default():
   params = _gnp_tree("params")
   tx = optax_ortho.gradient_norm_penalty(0.8, float(_GNP["radius"]))
@@ -118,6 +119,7 @@ def _run_gal(d, safeguard):
   return out, new_state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["accept", "mixed", "reject"])
 def test_gal_batch_safeguard_matches_their_process(case):
   d = _gal_case(case)
@@ -135,6 +137,7 @@ def test_gal_adjuster_output_matches_theirs():
   np.testing.assert_allclose(v, d["adjuster_output"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gal_per_sample_safeguard_departs_where_the_samples_disagree():
   """`mixed`: the batch accepts, but samples 1, 4, 5 alone would not descend."""
   d = _gal_case("mixed")
@@ -190,6 +193,7 @@ def _ours(torch_grad):
   return np.asarray(out["k"]).transpose(np.argsort(perm))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["linear_full", "linear_wide", "conv_full"])
 def test_orth_full_rank_equals_theirs(case):
   np.testing.assert_allclose(_ours(_ORTH[f"{case}_grad"]), _ORTH[f"{case}_orth"],

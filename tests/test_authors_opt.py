@@ -34,6 +34,7 @@ def _map_and_vjp(r, g, method):
 
 
 # Their Householder is NaN at R = I (our limit: test_orthogonal_map.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("method,at", [
     ("cayley", ""), ("gram_schmidt", ""), ("householder", ""), ("lowdin", ""),
     ("cayley", "_at_I"), ("gram_schmidt", "_at_I")])
@@ -66,6 +67,7 @@ def _stiefel_steps(case, steps):
   return xs, ms
 
 
+@pytest.mark.slow
 def test_ogd_unclamped_matches_two_steps():
   # a = lr: their two fixed-point iterations equal the exact Cayley step to
   # float32 level here, so iterates and momentum match over both steps.
@@ -100,6 +102,7 @@ def test_ogd_clamped_step_is_theirs():
   assert float(jnp.abs(xj + u - exact).max()) > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("power", [0, 1, 2])
 def test_mhe_energy_authors_convention(power):
   w = jnp.asarray(MHE["W"])

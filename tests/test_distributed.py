@@ -112,6 +112,9 @@ import pytest  # noqa: E402
 pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("sklearn")
 
+# Every test here shares two 2-process launches (about a minute on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

@@ -110,6 +110,7 @@ def test_orthonormalize_gpu_is_batched(method, platform):
   assert (svd, eigh) == expected, (method, platform, dict(calls))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ("svd", "gram", "auto"))
 def test_resnet20_one_solver_call_per_group_on_cuda(method):
   shapes = testing.resnet20_shapes()
@@ -159,6 +160,7 @@ def _transform_cases():
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("name", ("orthogonal_sgd", "orthogonal_adam",
                                   "stiefel_sgd"))
@@ -180,6 +182,7 @@ def _linen_step(layer, x_shape):
   return jax.grad(loss), (params, jax.ShapeDtypeStruct(x_shape, jnp.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("method", ("cayley", "gram_schmidt", "householder",
                                     "lowdin"))

@@ -145,6 +145,7 @@ def test_nonfinite_never_hangs_and_stays_in_its_matrix():
   assert int(out.split()[-1]) >= 250, out  # 198 table cases + hypothesis
 
 
+@pytest.mark.slow
 def test_run_isolated_fails_on_a_hang():
   with pytest.raises(AssertionError, match="hung"):
     testing.run_isolated("import time; time.sleep(30)", timeout=3)
@@ -169,6 +170,7 @@ def _empty_tree():
           "b": jnp.zeros((0,)), "none": None, "w": jnp.eye(4, 3) * 2.0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", PARALLEL)
 @pytest.mark.parametrize("method", ["svd", "newton_schulz"])
 def test_orthonormalize_passes_empty_leaves(method, parallel):
@@ -199,6 +201,7 @@ def test_aliases_pass_empty_leaves(make):
 
 # ------------------------------------------------------------------- dtypes
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_polar_keeps_low_precision_dtypes(method, dtype):
@@ -212,6 +215,7 @@ def test_polar_keeps_low_precision_dtypes(method, dtype):
                              atol=2 * float(jnp.finfo(dtype).eps))
 
 
+@pytest.mark.slow
 def test_orthogonal_adam_float16_first_step_is_finite():
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float16)}
@@ -275,6 +279,7 @@ X64_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_float64_keeps_its_dtype_and_precision():
   out = testing.run_isolated(X64_SCRIPT, timeout=300,
                              env={"JAX_ENABLE_X64": "1"})
@@ -286,6 +291,7 @@ def test_float64_keeps_its_dtype_and_precision():
 _BASE = np.random.default_rng(3).standard_normal((7, 4)).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @given(exponent=st.integers(-36, 37))
 def test_polar_is_scale_free(method, exponent):
@@ -312,6 +318,7 @@ def test_polar_of_zero_and_subnormal_is_finite(method):
     assert bool(jnp.isfinite(out).all()), (method, scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", EXACT)
 @pytest.mark.parametrize("rank", [1, 2])
 @pytest.mark.parametrize("eps", [0.0, None])
@@ -457,6 +464,7 @@ def test_bad_hyperparameters_name_argument_and_value(make, kwargs, exc, words):
     assert word in str(info.value), (word, str(info.value))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [optax_ortho.orthogonal_sgd,
                                   optax_ortho.orthogonal_adam])
 def test_good_hyperparameters_still_accepted(make):
@@ -490,6 +498,7 @@ def _sharded_tree():
   return tree, sharded
 
 
+@pytest.mark.slow
 @needs_8
 @pytest.mark.parametrize("make", [
     *[lambda m=m: optax_ortho.orthonormalize(m, parallel="layers")

@@ -178,6 +178,7 @@ def _gal_params(dtype=jnp.float32):
   return {"w": jnp.full((4, 3), 0.1, dtype), "b": jnp.zeros(3, dtype)}
 
 
+@pytest.mark.slow
 def test_gal_empty_batch_keeps_the_state():
   tx = optax_ortho.gal(3, 0.1, alpha=0.1, beta=0.1, hidden_sizes=(8,))
   params = _gal_params()
@@ -205,6 +206,7 @@ def test_gal_vjp_wrong_shape_names_the_leaf():
               safeguard_args={"gal_vjp": bad_vjp})
 
 
+@pytest.mark.slow
 def test_gal_vjp_wrong_structure():
   tx = optax_ortho.gal(3, 0.1, hidden_sizes=(8,))
   with pytest.raises(ValueError, match="structure"):
@@ -212,6 +214,7 @@ def test_gal_vjp_wrong_structure():
               safeguard_args={"gal_vjp": lambda ct: [jnp.ones((4, 3)), jnp.ones(3)]})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("safeguard", ["per_sample", "batch"])
 def test_gal_nan_sample_keeps_state_finite(safeguard):
   tx = optax_ortho.gal(3, 0.1, alpha=0.1, beta=0.1, hidden_sizes=(8,),
@@ -222,6 +225,7 @@ def test_gal_nan_sample_keeps_state_finite(safeguard):
   assert not _finite_tree(out)  # the NaN sample's gradient is NaN, as vanilla
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_gal_low_precision_keeps_dtype(dtype):
   tx = optax_ortho.gal(3, 0.1, alpha=0.1, beta=0.1, hidden_sizes=(8,))
@@ -439,6 +443,7 @@ def test_pgd_bad_hyperparameters(kwargs, error, match):
     regularizers.adversarial(_pgd_loss, jnp.ones(3), jnp.ones((2, 3)), jnp.zeros(2), **args)
 
 
+@pytest.mark.slow
 def test_pgd_faults():
   w, y = jnp.ones(3), jnp.zeros(2)
   args = {"epsilon": 0.1, "step_size": 0.05, "num_steps": 2, "key": jax.random.key(0)}

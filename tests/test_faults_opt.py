@@ -116,6 +116,7 @@ def test_stiefel_empty_leaf_passes_through():
 
 # Silent wrong results.
 
+@pytest.mark.slow
 def test_energy_zero_neuron_gradient_finite():
   w = jnp.zeros((4, 3)).at[:, 0].set(1.0).at[:, 1].set(jnp.arange(4.0))
   for power in (0.0, 1.0, 2.0):
@@ -168,6 +169,7 @@ def test_stiefel_shape_mismatches_name_the_leaf():
     tx.update({"a": jnp.ones((4, 2), jnp.int32), "b": g["b"]}, state, p)
 
 
+@pytest.mark.slow
 def test_nnx_layer_input_mismatch():
   layer = ortho_nnx.OrthogonalConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"OrthogonalConv.*3 features.*\(1, 5, 5, 2\)"):
@@ -190,6 +192,7 @@ def test_stiefel_hyperparameters(kwargs, exc, match):
     optax_ortho.stiefel_sgd(**kwargs)
 
 
+@pytest.mark.slow
 def test_stiefel_schedule_and_inject_hyperparams_still_work():
   tx = optax.inject_hyperparams(optax_ortho.stiefel_sgd)(learning_rate=0.1)
   x = jnp.eye(4, 2)

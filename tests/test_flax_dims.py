@@ -76,6 +76,7 @@ def _torch_linear_polar(kernel, n_in_axes):
   return ((u[:, keep] @ vt[keep]).T).reshape(k.shape)
 
 
+@pytest.mark.slow
 def test_linen_views():
   views = _views_by_path(optax_ortho.flax_dimension_numbers(_linen_params()))
   for attn in ("MultiHeadDotProductAttention_0", "SelfAttention_0"):
@@ -186,6 +187,7 @@ def test_nnx_equals_torch_linear_reshape_in_a_training_step():
   assert loss_fn(model) < before
 
 
+@pytest.mark.slow
 def test_matches_optax_muon_dimension_numbers_contract():
   params = _linen_params()
   dims = optax_ortho.flax_dimension_numbers(params)

@@ -61,6 +61,7 @@ def _mlp_problem(dtype=jnp.float32):
   return model.apply, params, x, y
 
 
+@pytest.mark.slow
 def test_alpha_zero_is_vanilla_gradient():
   apply_fn, params, x, y = _mlp_problem()
   tx = optax_ortho.gal(5, 0.1, alpha=0.0, beta=0.5)
@@ -82,6 +83,7 @@ def test_alpha_zero_is_vanilla_gradient():
   jax.tree.map(np.testing.assert_array_equal, updates, grads)
 
 
+@pytest.mark.slow
 def test_adjustment_has_relative_size_alpha():
   rng = np.random.default_rng(3)
   z = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
@@ -114,6 +116,7 @@ def _property_step(z, y, alpha, eta):
   return grads["z"], updates["z"]
 
 
+@pytest.mark.slow
 @given(
     seed=st.integers(0, 2**31 - 1),
     scale=st.floats(0.1, 10.0),
@@ -138,6 +141,7 @@ def test_safeguard_never_accepts_a_larger_tentative_loss(seed, scale, alpha, eta
       after - before)[accepted]
 
 
+@pytest.mark.slow
 def test_remainder_is_accurate_where_float32_cannot_resolve_it():
   # alpha = 0: g is the vanilla per-sample gradient and r has a closed form.
   rng = np.random.default_rng(1)
@@ -178,6 +182,7 @@ def _train(tx, steps, nan_step=None):
   return states, traces
 
 
+@pytest.mark.slow
 def test_adjuster_trains_stays_finite_and_traces_once():
   tx = optax.chain(
       optax_ortho.gal(5, optax.linear_schedule(0.1, 0.01, 5), alpha=0.1,
@@ -197,6 +202,7 @@ def test_adjuster_trains_stays_finite_and_traces_once():
     assert bool(jnp.all(jnp.isfinite(leaf)))
 
 
+@pytest.mark.slow
 def test_non_finite_batch_does_not_poison_the_adjuster():
   tx = optax_ortho.gal(5, 0.1, alpha=0.1, beta=0.1, hidden_sizes=(8,))
   states, _ = _train(tx, 4, nan_step=1)
@@ -211,6 +217,7 @@ def test_non_finite_batch_does_not_poison_the_adjuster():
                        - states[2].adjuster_params).max()) > 0
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_at_trace_time():
   z = jnp.zeros((4, 3))
   params = {"z": z}
@@ -240,6 +247,7 @@ def test_bad_inputs_fail_at_trace_time():
     optax_ortho.gal(3, 0.1, adjuster_optimizer="adam")
 
 
+@pytest.mark.slow
 def test_bfloat16_model_keeps_dtype():
   apply_fn, params, x, y = _mlp_problem(jnp.bfloat16)
   tx = optax_ortho.gal(5, 0.1, alpha=0.1, beta=0.1)

@@ -296,6 +296,7 @@ class _BNNet(nn.Module):
     return nn.Dense(3)(nn.relu(x))
 
 
+@pytest.mark.slow
 def test_batchnorm_perturbed_pass_discards_statistics():
   model = _BNNet()
   rng = np.random.default_rng(0)
@@ -384,6 +385,7 @@ test_contract = contract_suite([
 # ------------------------------------------------------------------ example
 
 
+@pytest.mark.slow
 def test_compare_example_runs_gnp_and_sam(tmp_path):
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
   try:

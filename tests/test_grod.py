@@ -109,6 +109,7 @@ def _leaves64(tree):
   return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 @given(grad_pairs(), st.floats(0.0, 10.0), st.sampled_from(["global", "per_leaf"]))
 def test_matches_numpy_reference(pair, lam, granularity):
   gj, go = pair
@@ -120,6 +121,7 @@ def test_matches_numpy_reference(pair, lam, granularity):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol)
 
 
+@pytest.mark.slow
 @given(grad_pairs(), st.floats(0.0, 10.0), st.sampled_from(["global", "per_leaf"]))
 def test_invariant_descent(pair, lam, granularity):
   """<d, gJ> >= |gJ|^2 (per leaf for per_leaf), up to float32 rounding."""
@@ -136,6 +138,7 @@ def test_invariant_descent(pair, lam, granularity):
     assert inner >= nsq - slack, (inner, nsq, slack)
 
 
+@pytest.mark.slow
 @given(grad_pairs(), st.sampled_from(["global", "per_leaf"]))
 def test_zero_weight_gives_task_gradient(pair, granularity):
   gj, go = pair

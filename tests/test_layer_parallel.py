@@ -69,6 +69,7 @@ def test_layers_equal_replicated_on_a_mesh(method, axis_type):
   np.testing.assert_array_equal(out["bias"], grads["bias"])
 
 
+@pytest.mark.slow
 @needs_8
 @pytest.mark.parametrize("method", ["svd", "newton_schulz"])
 def test_nan_stays_in_its_matrix_on_a_mesh(method):
@@ -90,6 +91,7 @@ def test_nan_stays_in_its_matrix_on_a_mesh(method):
       np.testing.assert_allclose(out[k], ref[k], atol=2e-5, err_msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_without_mesh_layers_is_the_replicated_mode(method):
   grads = _grads(1)
@@ -110,6 +112,7 @@ def test_one_device_mesh_is_the_replicated_mode():
     np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
 
 
+@pytest.mark.slow
 @needs_8
 def test_mesh_argument_without_set_mesh():
   """Auto-sharded jit with in_shardings and no `jax.set_mesh`: pass `mesh`."""
@@ -128,6 +131,7 @@ def test_mesh_argument_without_set_mesh():
     assert out[k].sharding.is_equivalent_to(shardings[k], out[k].ndim)
 
 
+@pytest.mark.slow
 @needs_8
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
                          ids=["explicit", "auto"])

@@ -29,6 +29,7 @@ def test_opt_example_keeps_energy_of_opt_layers(tmp_path):
   assert (tmp_path / "opt_results.json").exists()
 
 
+@pytest.mark.slow
 def test_compare_runs_the_opt_cnn(tmp_path):
   assert compare.METHODS["opt_sgd"].model is compare.OPTCNN
   assert compare.METHODS["sgd"].model is compare.CNN

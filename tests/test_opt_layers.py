@@ -23,6 +23,7 @@ def _angles(kernel):
   return w.T @ w
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("stochastic", [None, 5])
 def test_linen_dense_trains_r_only_and_keeps_angles(method, stochastic):
@@ -63,7 +64,8 @@ def test_linen_dense_trains_r_only_and_keeps_angles(method, stochastic):
                              optax_ortho.hyperspherical_energy(v0), rtol=1e-4)
 
 
-@pytest.mark.parametrize("stochastic", [None, 7])
+@pytest.mark.parametrize(
+    "stochastic", [None, pytest.param(7, marks=pytest.mark.slow)])
 def test_linen_export_matches_plain_layers(stochastic):
   for layer, plain, x in (
       (ortho_nn.OrthogonalDense(6, stochastic=stochastic), nn.Dense(6), X_DENSE),
@@ -78,6 +80,7 @@ def test_linen_export_matches_plain_layers(stochastic):
     np.testing.assert_allclose(y, y_plain, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gram_schmidt", "householder"])
 def test_sopt_episodes_fold_resample_and_restart(method):
   layer = ortho_nn.OrthogonalConv(4, (3, 3), stochastic=6, method=method,
@@ -126,6 +129,7 @@ def test_unit_norm_and_options():
         jax.random.key(0), X_DENSE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_authors_initialisations(method):
   x = jnp.ones((2, 3, 3, 16))
@@ -158,6 +162,18 @@ def test_nnx_input_shape_error():
     conv(jnp.ones((1, 5, 5, 2)))
 
 
+def test_nnx_export_matches_plain_layers():
+  conv = ortho_nnx.OrthogonalConv(3, 5, (3, 3), strides=2, rngs=nnx.Rngs(0))
+  dense = ortho_nnx.OrthogonalLinear(12, 6, rngs=nnx.Rngs(1))
+  for layer in (conv, dense):
+    # Move R away from the identity so the check means something.
+    layer.R[...] = layer.R[...] + 0.3 * jax.random.normal(
+        jax.random.key(4), layer.R[...].shape)
+  np.testing.assert_allclose(conv.to_conv()(X_CONV), conv(X_CONV), atol=1e-5)
+  np.testing.assert_allclose(dense.to_linear()(X_DENSE), dense(X_DENSE), atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stochastic", [None, 4])
 def test_nnx_layers_train_r_only(stochastic):
   class Net(nnx.Module):

@@ -21,6 +21,7 @@ def _err(q):
   return float(jnp.abs(jnp.swapaxes(q, -1, -2) @ q - eye).max())
 
 
+@pytest.mark.slow
 @settings(max_examples=12)
 @given(method=methods, n=st.sampled_from([1, 2, 3, 7, 16, 33]), batch=st.sampled_from([(), (3,), (2, 2)]),
        scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 999))
@@ -31,6 +32,7 @@ def test_orthogonal_for_every_method_and_shape(method, n, batch, scale, seed):
   assert _err(q) < 5e-6 * max(1, n) ** 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", MAP_METHODS)
 def test_large_and_identity_and_jit(method):
   r = jax.random.normal(jax.random.key(0), (256, 256))
@@ -43,6 +45,7 @@ def test_large_and_identity_and_jit(method):
   np.testing.assert_allclose(q4, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", MAP_METHODS)
 def test_differentiable_at_identity_and_random(method):
   w = jax.random.normal(jax.random.key(1), (6, 6))
@@ -77,6 +80,7 @@ def test_bad_input():
   assert float(optax_ortho.hyperspherical_energy(jnp.ones((3, 1)))) == 0.0
 
 
+@pytest.mark.slow
 @given(shape=st.sampled_from([(8, 5), (16, 16), (3, 3, 2, 6), (4, 12)]),
        power=st.sampled_from([0.0, 1.0, 2.0]), seed=st.integers(0, 999))
 def test_energy_rotation_invariant(shape, power, seed):
@@ -96,6 +100,7 @@ def test_energy_rotation_invariant(shape, power, seed):
       atol=1e-5)
 
 
+@pytest.mark.slow
 def test_energy_values():
   # Two antipodal unit neurons: distance 2, f_1 = 1/2 and f_0 = -log 2.
   w = jnp.array([[1.0, -1.0], [0.0, 0.0]])
@@ -110,6 +115,7 @@ def test_energy_values():
   assert bool(jnp.isfinite(optax_ortho.hyperspherical_energy(jnp.ones((3, 4)))))
 
 
+@pytest.mark.slow
 def test_orthogonality_penalty():
   assert float(optax_ortho.orthogonality_penalty(jnp.eye(4, 3))) == 0.0
   w = jnp.diag(jnp.array([2.0, 1.0]))
@@ -155,6 +161,7 @@ def _cayley_triu(r):
   return (eye + s) @ np.linalg.inv(eye - s)
 
 
+@pytest.mark.slow
 @settings(max_examples=10)
 @given(n=st.sampled_from([1, 2, 3, 5, 8]), seed=st.integers(0, 999))
 def test_maps_are_the_authors_maps(n, seed):
@@ -177,6 +184,7 @@ def test_cayley_gradient_lives_on_the_strict_upper_triangle():
   np.testing.assert_allclose(dr_i, 2.0 * jnp.triu(g - g.T, 1), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_householder_limit_where_the_authors_divide_by_zero():
   # Upper-triangular R (I included): their |u| = 0. The limit along R + tI.
   for n in (2, 3, 4):
@@ -194,6 +202,7 @@ def test_householder_limit_where_the_authors_divide_by_zero():
     assert bool(jnp.isfinite(g).all())
 
 
+@pytest.mark.slow
 def test_energy_authors_convention():
   w = jax.random.normal(jax.random.key(0), (6, 5))
   unit = w / jnp.sqrt(jnp.sum(w * w, 0) + 1e-4)
@@ -209,6 +218,7 @@ def test_energy_authors_convention():
       2.0 * optax_ortho.hyperspherical_energy(w, power=0.0), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_energy_zero_neuron_value_and_gradient_finite():
   w = jnp.concatenate([jax.random.normal(jax.random.key(0), (4, 3)),
                        jnp.zeros((4, 1))], axis=1)

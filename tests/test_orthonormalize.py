@@ -29,6 +29,7 @@ def _flax_like(rng, dtype=np.float32):
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_default_view_matches_polar_of_reshaped_kernel(method):
   grads = _flax_like(np.random.default_rng(0))
@@ -43,6 +44,7 @@ def test_default_view_matches_polar_of_reshaped_kernel(method):
   np.testing.assert_array_equal(out["bn"]["scale"], grads["bn"]["scale"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ("svd", "auto"))
 @given(tree=testing.gradient_trees())
 def test_every_matrix_leaf_is_its_pseudo_polar_factor(method, tree):
@@ -70,6 +72,7 @@ def test_same_shapes_share_one_decomposition():
     assert text.count(call) == 2, (method, text.count(call))
 
 
+@pytest.mark.slow
 def test_newton_schulz_equals_muon_on_conv_kernels():
   grads = _flax_like(np.random.default_rng(1))
   matrices = {"conv": grads["conv"]["kernel"], "dense": grads["dense"]["kernel"]}
@@ -82,6 +85,7 @@ def test_newton_schulz_equals_muon_on_conv_kernels():
     np.testing.assert_allclose(out[k], ref[k], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_dimension_numbers_tree_callable_and_skip():
   rng = np.random.default_rng(2)
   g = {"w": jnp.asarray(rng.standard_normal((3, 5, 4)), jnp.float32),
@@ -125,6 +129,7 @@ def test_bad_arguments_fail_at_trace_time():
     bad.update(g, bad.init(g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_rank_deficient_and_nan_leaves(method):
   rng = np.random.default_rng(3)
@@ -146,6 +151,7 @@ def test_zero_rank_deficient_and_nan_leaves(method):
     testing.assert_unit_singular_values(out["rank1"], 1, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_bfloat16_in_bfloat16_out(method):
   grads = _flax_like(np.random.default_rng(4))
@@ -157,6 +163,7 @@ def test_bfloat16_in_bfloat16_out(method):
     np.testing.assert_allclose(np.asarray(b, np.float32), a, atol=0.05)
 
 
+@pytest.mark.slow
 def test_aliases_orthonormalise_before_momentum_and_decay():
   rng = np.random.default_rng(5)
   params = {"w": jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)}
@@ -181,6 +188,7 @@ def _low_rank_tree(rng, head_rank=3):
   }
 
 
+@pytest.mark.slow
 def test_auto_is_the_default_and_remembers_routes():
   rng = np.random.default_rng(5)
   grads = _low_rank_tree(rng)
@@ -226,6 +234,7 @@ def test_auto_non_finite_matrix_keeps_its_flag():
   np.testing.assert_array_equal(state.use_gram, [False, True])
 
 
+@pytest.mark.slow
 def test_auto_layers_mode_carries_the_routes():
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")

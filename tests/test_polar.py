@@ -28,6 +28,7 @@ def test_orthonormal_and_equal_to_reference(method, a):
   testing.assert_pseudo_polar(a, q, atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", EXACT)
 @given(a=_well_conditioned(), c=st.floats(1e-3, 1e3))
 def test_idempotent_and_scale_invariant(method, a, c):
@@ -37,6 +38,7 @@ def test_idempotent_and_scale_invariant(method, a, c):
                              atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", EXACT)
 @given(a=_well_conditioned(), seed=st.integers(0, 2**31))
 def test_right_orthogonal_equivariance(method, a, seed):
@@ -46,6 +48,7 @@ def test_right_orthogonal_equivariance(method, a, seed):
                              _jit_polar(a, method=method) @ r, atol=5e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ("svd", "auto"))
 @given(a=testing.matrices(rank_deficient=True))
 def test_rank_deficient_gives_pseudo_polar(method, a):
@@ -67,6 +70,7 @@ def test_gram_rank_deficient_gives_pseudo_polar():
   testing.assert_pseudo_polar(a, q, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", EXACT + ITERATIVE)
 @pytest.mark.parametrize("shape", [(5, 3), (3, 5), (4, 4), (2, 6, 2)])
 def test_zero_gives_zero(method, shape):
@@ -109,6 +113,7 @@ def test_newton_schulz_equals_muon(a):
   np.testing.assert_allclose(q, ref["w"], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ITERATIVE)
 @given(a=testing.matrices(min_side=2, rank_deficient=False, max_condition=20.0))
 def test_iterative_singular_values_near_one(method, a):
@@ -126,6 +131,7 @@ def test_polar_express_converges_with_more_steps():
   assert err < 1e-3, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", EXACT + ITERATIVE)
 def test_batch_axes_and_dtypes(method):
   rng = np.random.default_rng(0)
@@ -159,6 +165,7 @@ def test_bad_input():
     optax_ortho.polar(jnp.ones((3, 2)), eps=2.0)
 
 
+@pytest.mark.slow
 def test_nan_matrix_stays_in_its_slot():
   a = np.random.default_rng(0).standard_normal((3, 6, 4)).astype(np.float32)
   a[1, 2, 3] = np.nan

@@ -42,6 +42,7 @@ def _linear_loss(w, x, y):
   return jnp.mean(jax.nn.softplus(-(x @ w) * y))
 
 
+@pytest.mark.slow
 @given(st.integers(0, 1000), st.floats(0.01, 0.5), st.integers(0, 5))
 def test_pgd_stays_in_ball_and_increases_loss(seed, eps, steps):
   rng = np.random.default_rng(seed)

@@ -40,6 +40,7 @@ def test_optax_muon_raises_sharding_type_error_under_explicit_axes():
   assert type(info.value).__name__ == "ShardingTypeError"
 
 
+@pytest.mark.slow
 @needs_8
 @pytest.mark.parametrize("parallel", ["replicated", "layers"])
 def test_orthonormalize_newton_schulz_works_where_muon_fails(parallel):
@@ -57,6 +58,7 @@ def test_orthonormalize_newton_schulz_works_where_muon_fails(parallel):
   np.testing.assert_allclose(out["conv"], ref, atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_8
 @pytest.mark.parametrize("parallel", ["replicated", "layers"])
 @pytest.mark.parametrize(

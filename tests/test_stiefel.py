@@ -87,6 +87,7 @@ def test_thousands_of_steps_stay_orthonormal():
     assert _ortho_error(x) < 2e-6
 
 
+@pytest.mark.slow
 def test_random_init_is_projected_then_stays():
   x = jax.random.normal(jax.random.key(1), (10, 4)) * 3.0
   tx = optax_ortho.stiefel_sgd(0.0, 0.9)  # lr 0: only the projection moves it
@@ -121,6 +122,7 @@ def test_procrustes_reaches_optimum(n, extra, seed):
   assert _ortho_error(x) < 1e-5
 
 
+@pytest.mark.slow
 def test_nan_gradient_does_not_poison_state():
   params = {"w": _orthonormal(jax.random.key(0), 6, 3), "b": jnp.ones(3)}
   tx = optax_ortho.stiefel_sgd(0.1, 0.9)
@@ -155,6 +157,7 @@ def _authors_skew(x, m):
   return wk - wk.T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 3), (5, 4)])  # rank-2p and direct solve
 @pytest.mark.parametrize("scale", [0.1, 100.0])
 def test_step_clamp_is_the_authors(shape, scale):

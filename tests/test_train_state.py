@@ -73,6 +73,7 @@ def _linen_grads(kind, apply_fn, params, x, y):
   return loss, grads, extra
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_linen_train_state_recipe(kind):
   model = MLP()
@@ -105,6 +106,7 @@ def test_linen_train_state_recipe(kind):
   assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 def test_linen_subclass_keeps_its_fields():
   class BNState(train_state.TrainState):
     batch_stats: dict
@@ -176,6 +178,7 @@ def _nnx_step(kind):
   return train_step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_nnx_optimizer_recipe(kind):
   model = NnxMLP(nnx.Rngs(1))

@@ -56,6 +56,7 @@ def test_resume_gives_the_identical_next_step(script, tree, tmp_path):
     assert_trees_close(tree(first), tree(straight))
 
 
+@pytest.mark.slow
 def test_linen_gnp_perturbed_pass_leaves_batch_stats_alone():
   """Statistics after a GNP step == after a plain step: the unperturbed pass's."""
   flags = TINY + ["--model", "cnn_bn", "--steps", "1"]
@@ -67,6 +68,7 @@ def test_linen_gnp_perturbed_pass_leaves_batch_stats_alone():
     assert_trees_close(gnp.batch_stats, initial.batch_stats)
 
 
+@pytest.mark.slow
 def test_nnx_gnp_perturbed_pass_leaves_batch_stats_alone():
   flags = TINY + ["--model", "cnn_bn", "--steps", "1"]
   stats = [nnx.to_pure_dict(nnx.state(
@@ -75,6 +77,7 @@ def test_nnx_gnp_perturbed_pass_leaves_batch_stats_alone():
   assert_trees_close(*stats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [train_linen, train_nnx])
 def test_digits_learns(script):
   result = script.main(["--steps", "40", "--batch-size", "32",
@@ -84,6 +87,7 @@ def test_digits_learns(script):
   assert result["history"]["step"] == [20, 40]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [train_linen, train_nnx])
 def test_diabetes_regression(script):
   result = script.main(["--dataset", "diabetes", "--optimizer", "orthogonal_adam",
@@ -109,6 +113,7 @@ def test_missing_data_set_exits_with_the_message(tmp_path, capsys):
   assert msg.startswith("error: ") and "tfds build mnist" in msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(models.LINEN))
 def test_linen_and_nnx_models_match_in_size(name):
   x = np.ones((2, 32, 32, 3), np.float32)

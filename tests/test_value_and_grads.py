@@ -85,6 +85,7 @@ def test_one_forward_pass_and_no_wasted_backward():
   assert _count(ours.jaxpr, "tanh") == 1
 
 
+@pytest.mark.slow
 def test_dense_zero_fallback_gives_same_result(monkeypatch):
   """If jax stops exposing symbolic zeros, dense zeros give the same values."""
   from optax_ortho._src import value_and_grads as vg_lib
