@@ -246,3 +246,17 @@ def test_cayley_step_is_exact(n, p_frac, log_scale, lr, clamp, seed):
   out = _step(x, m, lr, clamp, "auto")
   np.testing.assert_allclose(out, ref, atol=5e-6)
   np.testing.assert_allclose(out.T @ out, np.eye(p), atol=5e-6)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (9, 3)])
+def test_series_solve_is_exact_in_float64(shape):
+  """The series takes as many terms as float64 needs (14 at the bound)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))[0][:, :shape[1]]
+    m = 1e3 * rng.standard_normal(shape)  # the clamp binds: the worst case
+    out = stiefel._cayley_step(jnp.asarray(x)[None], jnp.asarray(m)[None],
+                               jnp.float64(0.5), True, "series")[0][0]
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(out, _cayley_reference(x, m, 0.5, True),
+                               atol=1e-13)

@@ -106,9 +106,9 @@ def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
 
 # Below a|W|_F <= 1 (always, with the step clamp) the Cayley solve runs on
 # matrix products only; a larger step (clamp_step=False) takes the LU path.
-# tol: the truncated series' relative error bound, below float32's unit
-# roundoff 2^-24.
-_SERIES_TOL = 2.0 ** -26
+# The truncated series' relative error bound is kept below eps / 8 (2^-26 in
+# float32), under the unit roundoff.
+_RHO_MAX = 1.0 / 17.0
 
 
 def _series_solve(y: jax.Array, b: jax.Array, beta: jax.Array,
@@ -125,8 +125,8 @@ def _series_solve(y: jax.Array, b: jax.Array, beta: jax.Array,
   [-rho, rho], rho = beta / (2 + beta) <= 1/17, so S^{-1} = c sum_k Z^k, and
   its first N terms, summed by Horner's rule (one product with Z per term),
   leave a relative error below rho^N / (1 - rho). Terms are added while that
-  bound exceeds 2^-26 (per stack: the largest beta decides), so N = 7 at
-  the bound and N = 2 or 3 for the usual small steps.
+  bound exceeds eps / 8 (per stack: the largest beta decides): in float32
+  N = 7 at the bound and N = 2 or 3 for the usual small steps (float64: 14).
 
   `yb`, if given, is Y B (when the caller has it already).
 
@@ -140,11 +140,11 @@ def _series_solve(y: jax.Array, b: jax.Array, beta: jax.Array,
   r = r0 + _mm(z, r0)
   rho = jnp.max(beta / (2.0 + beta))
   err = rho * rho
-  # rho <= 1/17: 17^-7 < 2^-26, so N = 7 terms always suffice. A cond per
-  # term (not a while loop) keeps the step reverse-differentiable.
-  for _ in range(5):
-    r = jax.lax.cond(err > _SERIES_TOL, lambda r: r0 + _mm(z, r),
-                     lambda r: r, r)
+  tol = float(jnp.finfo(y.dtype).eps) / 8
+  # rho <= 1/17 bounds the number of terms; a cond per term (not a while
+  # loop) keeps the step reverse-differentiable.
+  for _ in range(math.ceil(math.log(tol) / math.log(_RHO_MAX)) - 2):
+    r = jax.lax.cond(err > tol, lambda r: r0 + _mm(z, r), lambda r: r, r)
     err = err * rho
   return c * r
 
@@ -275,7 +275,11 @@ def stiefel_sgd(
   the momentum; `clamp_step=False` gives $a = \eta$. The Cayley transform is
   computed exactly (not by Li et al.'s two fixed-point iterations, which
   differ from it by $O(a^3 \|W\|^3)$), through a :math:`2p \times 2p`
-  solve when :math:`n > 2p`. Other parameters get plain SGD with momentum,
+  system when :math:`n > 2p`. Under the clamp ($a \|W\|_F \le 1$) that system
+  is solved to float32 precision by matrix products alone (a Neumann series in
+  $a^2 W^\top W / 4$, whose eigenvalues are at most $1/8$ there), with no LAPACK
+  call; an unclamped step beyond that bound uses an LU solve. Other parameters
+  get plain SGD with momentum,
   ``M <- beta M + G; X <- X - lr M`` (``optax.sgd``).
 
   Parameters off the manifold: a selected parameter with
