@@ -1,6 +1,7 @@
 """OPT dense and conv layers forward + backward vs plain ones (ratios, not times).
 
     python benchmarks/opt.py [--d 256] [--batch 128] [--runs 15] [--conv-batch 32]
+    python benchmarks/opt.py --load 4   # with 4 busy processes
 
 Times one jitted step (loss, gradients w.r.t. the parameters and the input) of
 `optax_ortho.linen.OrthogonalDense(d)` for each orthogonal map, and of
@@ -10,8 +11,9 @@ and the same for `OrthogonalConv(64, (3, 3))` (Cayley) against `nn.Conv` on
 CIFAR-sized activations `(--conv-batch, 32, 32, 64)` (goal: <= 1.2x),
 for wall time and for process CPU time (on a shared machine the wall time of
 LAPACK calls includes waiting for a core; CPU time counts only the work).
-By default XLA runs each op on one thread (see `--multi-thread`). Writes
-`benchmarks/opt.json`.
+By default XLA runs each op on one thread (see `--multi-thread`). `--load N`
+starts N busy Python processes for the timed rounds (and ends them); the load
+average before and after is recorded. Writes `benchmarks/opt.json` (or `--out`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 
@@ -78,6 +81,8 @@ def main(argv=None) -> dict:
                       help="batch of the (B, 32, 32, 64) conv input; 0 skips it")
   parser.add_argument("--multi-thread", action="store_true",
                       help="keep XLA's default thread pools")
+  parser.add_argument("--load", type=int, default=0,
+                      help="busy processes to run alongside the timed rounds")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(
       os.path.abspath(__file__)), "opt.json"))
   args = parser.parse_args(argv)
@@ -96,9 +101,18 @@ def main(argv=None) -> dict:
     fn()
     fn()
   times = {k: [] for k in fns}
-  for _ in range(args.runs):
-    for k, fn in fns.items():  # interleaved: drift hits every method alike
-      times[k].append(time_once(fn, args.reps if "conv" not in k else 1))
+  busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+          for _ in range(args.load)]
+  try:
+    loadavg_before = os.getloadavg()
+    for _ in range(args.runs):
+      for k, fn in fns.items():  # interleaved: drift hits every method alike
+        times[k].append(time_once(fn, args.reps if "conv" not in k else 1))
+    loadavg_after = os.getloadavg()
+  finally:
+    for p in busy:
+      p.kill()
+      p.wait()
   rows = []
   for k, t in times.items():
     t = np.array(t)
@@ -118,7 +132,10 @@ def main(argv=None) -> dict:
     print(f"{r['layer']:<24} {r['wall_ratio']:>7.2f} [{r['wall_ratio_q25']:6.2f},"
           f" {r['wall_ratio_q75']:6.2f}] {r['cpu_ratio']:>7.2f}"
           f" [{r['cpu_ratio_q25']:6.2f}, {r['cpu_ratio_q75']:6.2f}]")
+  print(f"load average before {loadavg_before}, after {loadavg_after}")
   result = {"args": vars(args), "device": str(jax.devices()[0]),
+            "busy_processes": args.load, "loadavg_before": loadavg_before,
+            "loadavg_after": loadavg_after,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

@@ -1,6 +1,7 @@
 """stiefel_sgd: the shared contract, manifold invariants, orthogonal Procrustes."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import optax_ortho
+from optax_ortho._src import stiefel
 from tests import contract
 from tests.contract import ContractCase
 from tests.contract import contract_suite
@@ -176,3 +178,88 @@ def test_step_clamp_is_the_authors(shape, scale):
     np.testing.assert_allclose(xj + u, expected, atol=2e-5)
   with pytest.raises(TypeError, match="clamp_step"):
     optax_ortho.stiefel_sgd(0.1, clamp_step=1)
+
+
+def _cayley_reference(x, m, lr, clamp):
+  """The exact Cayley step in float64 (W from the raw momentum, as Li et al.)."""
+  x, m = np.asarray(x, np.float64), np.asarray(m, np.float64)
+  p = m - 0.5 * x @ (x.T @ m)
+  w = p @ x.T - x @ p.T
+  a = min(lr, 1.0 / (np.linalg.norm(w) + 1e-8)) if clamp else lr
+  eye = np.eye(x.shape[0])
+  return np.linalg.solve(eye + 0.5 * a * w, (eye - 0.5 * a * w) @ x)
+
+
+def _step(x, m, lr, clamp, solver):
+  fn = jax.jit(lambda x, m: stiefel._cayley_step(
+      x[None], m[None], jnp.float32(lr), clamp, solver)[0][0])
+  return np.asarray(fn(x, m))
+
+
+# (6, 6), (5, 4): the n x n system; (9, 3): the rank-2p form.
+@pytest.mark.parametrize("shape", [(6, 6), (5, 4), (9, 3)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_series_solve_matches_lu(shape, scale):
+  """The product-only solve agrees with the LU one and with float64."""
+  x = _orthonormal(jax.random.key(0), *shape)
+  m = scale * jax.random.normal(jax.random.key(1), shape)
+  ref = _cayley_reference(x, m, 0.5, True)
+  series = _step(x, m, 0.5, True, "series")
+  lu = _step(x, m, 0.5, True, "lu")
+  np.testing.assert_allclose(series, ref, atol=1e-6)
+  np.testing.assert_allclose(series, lu, atol=1e-6)
+  np.testing.assert_allclose(series.T @ series, np.eye(shape[1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("lr", [1e-3, 10.0])  # series, then LU (a |W|_F > 1)
+def test_unclamped_step_picks_an_exact_solver(lr):
+  x = _orthonormal(jax.random.key(0), 9, 3)
+  m = jax.random.normal(jax.random.key(1), (9, 3))
+  ref = _cayley_reference(x, m, lr, False)
+  np.testing.assert_allclose(_step(x, m, lr, False, "auto"), ref, atol=2e-6)
+
+
+def _lapack_calls(fn, *args):
+  return set(re.findall(r"custom_call @(\w+)", jax.jit(fn).lower(*args).as_text()))
+
+
+def test_default_step_has_no_lapack_call():
+  """Under the clamp the step is matrix products only: the one LAPACK call
+  left is the SVD of the projection onto the manifold (a lax.cond branch that
+  runs only when a parameter is far from it)."""
+  x = _orthonormal(jax.random.key(0), 8, 3)
+  tx = optax_ortho.stiefel_sgd(0.1)
+  assert _lapack_calls(tx.update, x, tx.init(x), x) == {"lapack_sgesdd_ffi"}
+  tx = optax_ortho.stiefel_sgd(0.1, clamp_step=False)  # LU kept for big steps
+  assert "lapack_sgetrf_ffi" in _lapack_calls(tx.update, x, tx.init(x), x)
+
+
+@pytest.mark.slow  # about 20 s on a loaded 2-core machine (a compile per shape)
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 10), p_frac=st.floats(0.1, 1.0),
+       log_scale=st.floats(-4.0, 4.0), lr=st.floats(1e-3, 2.0),
+       clamp=st.booleans(), seed=st.integers(0, 99))
+def test_cayley_step_is_exact(n, p_frac, log_scale, lr, clamp, seed):
+  """Any momentum scale, either solver: the float64 Cayley step, orthonormal."""
+  p = max(1, int(n * p_frac))
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  x = _orthonormal(k1, n, p)
+  m = 10.0 ** log_scale * jax.random.normal(k2, (n, p))
+  ref = _cayley_reference(x, m, lr, clamp)
+  out = _step(x, m, lr, clamp, "auto")
+  np.testing.assert_allclose(out, ref, atol=5e-6)
+  np.testing.assert_allclose(out.T @ out, np.eye(p), atol=5e-6)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (9, 3)])
+def test_series_solve_is_exact_in_float64(shape):
+  """The series takes as many terms as float64 needs (14 at the bound)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))[0][:, :shape[1]]
+    m = 1e3 * rng.standard_normal(shape)  # the clamp binds: the worst case
+    out = stiefel._cayley_step(jnp.asarray(x)[None], jnp.asarray(m)[None],
+                               jnp.float64(0.5), True, "series")[0][0]
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(out, _cayley_reference(x, m, 0.5, True),
+                               atol=1e-13)

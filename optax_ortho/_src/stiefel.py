@@ -104,7 +104,60 @@ def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
   )
 
 
-def _cayley_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool):
+# Below a|W|_F <= 1 (always, with the step clamp) the Cayley solve runs on
+# matrix products only; a larger step (clamp_step=False) takes the LU path.
+# The truncated series' relative error bound is kept below eps / 8 (2^-26 in
+# float32), under the unit roundoff.
+_RHO_MAX = 1.0 / 17.0
+
+
+def _series_solve(y: jax.Array, b: jax.Array, beta: jax.Array,
+                  yb: jax.Array | None = None) -> jax.Array:
+  """(I + Y)^{-1} B by matrix products, for Y like h W, |hW|_2^2 <= beta <= 1/8.
+
+  Y is either h W (W skew, n x n) or the 2p x 2p matrix V^T U of a factored
+  h W = U V^T, with B = V^T b; every polynomial in Y then acts on B as the same
+  polynomial in h W acts on b (push-through: Y^k V^T = V^T (hW)^k), so the
+  bounds below, derived for the skew h W, hold for both.
+  (I + Y)^{-1} = (I - Y^2)^{-1} (I - Y), and for skew h W the matrix
+  S = I - (hW)^2 = I + h^2 W^T W is symmetric with eigenvalues in
+  [1, 1 + beta]. With c = 2 / (2 + beta), Z = I - cS has eigenvalues in
+  [-rho, rho], rho = beta / (2 + beta) <= 1/17, so S^{-1} = c sum_k Z^k, and
+  its first N terms, summed by Horner's rule (one product with Z per term),
+  leave a relative error below rho^N / (1 - rho). Terms are added while that
+  bound exceeds eps / 8 (per stack: the largest beta decides): in float32
+  N = 7 at the bound and N = 2 or 3 for the usual small steps (float64: 14).
+
+  `yb`, if given, is Y B (when the caller has it already).
+
+  Reference: the Neumann series, Golub & Van Loan, Matrix Computations
+  (4th ed., 2013), section 2.3.
+  """
+  eye = jnp.eye(y.shape[-1], dtype=y.dtype)
+  c = (2.0 / (2.0 + beta))[:, None, None]
+  z = (1.0 - c) * eye + c * _mm(y, y)
+  r0 = b - (_mm(y, b) if yb is None else yb)
+  r = r0 + _mm(z, r0)
+  rho = jnp.max(beta / (2.0 + beta))
+  err = rho * rho
+  tol = float(jnp.finfo(y.dtype).eps) / 8
+  # rho <= 1/17 bounds the number of terms; a cond per term (not a while
+  # loop) keeps the step reverse-differentiable.
+  for _ in range(math.ceil(math.log(tol) / math.log(_RHO_MAX)) - 2):
+    r = jax.lax.cond(err > tol, lambda r: r0 + _mm(z, r), lambda r: r, r)
+    err = err * rho
+  return c * r
+
+
+def _lu_solve(y: jax.Array, b: jax.Array) -> jax.Array:
+  """(I + Y)^{-1} B by LU, one matrix at a time (DESIGN.md: no batched LAPACK)."""
+  eye = jnp.eye(y.shape[-1], dtype=y.dtype)
+  return jax.lax.map(lambda args: jnp.linalg.solve(eye + args[0], args[1]),
+                     (y, b))
+
+
+def _cayley_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool,
+                 solver: str = "auto"):
   """One Cayley SGD step (Li et al. 2020, Alg. 2) on a (k, n, p) stack.
 
   With P = M - X (X^T M) / 2 the skew matrix is W = P X^T - X P^T, the tangent
@@ -113,39 +166,82 @@ def _cayley_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool):
   a = min(lr, 1 / (|W|_F + 1e-8)) per matrix when `clamp` (Li et al.'s step
   clamp, as in the OPT authors' OGD) and a = lr otherwise. Li et al.
   approximate the transform with a fixed-point iteration; it is solved exactly
-  here: directly when n <= 2p, else through the rank-2p form W = U V^T,
-  U = [P, X], V = [X, -P] (Wen & Yin 2013), with a 2p x 2p solve.
+  here: directly when n <= 2p, else through the rank-2p form
+  h W = U V^T, U = [hP, X], V = [X, -hP] (Wen & Yin 2013; h = a/2), with a
+  2p x 2p system. P is taken as M - X (X^T M + sym(X^T M)) / 2, which gives the
+  same W for any X (it only drops X sym X^T, a symmetric term) but no
+  symmetric part in X^T P: |P|_F <= |W|_F / sqrt(2) on the manifold, so U, V
+  stay well conditioned and |W|_F^2 has no cancellation. A square X
+  (orthogonal after `_onto_manifold`) has W = X Omega X^T with
+  Omega = skew(X^T M), so the step is X (I + h Omega)^{-1} (I - h Omega) and the
+  tangent X Omega: three n x n products fewer.
+
+  The system is solved by `_series_solve` (matrix products only) whenever
+  a |W|_F <= 1, where that is exact to float32 precision: always with the
+  clamp, since |W|_2 <= |W|_F / sqrt(2) for a skew W gives |hW|_2^2 <= 1/8;
+  otherwise by LU (`solver="lu"` forces it, `"series"` forbids it).
   """
   n, p = x.shape[-2:]
+  form = "square" if n == p else "direct" if n <= 2 * p else "factored"
   xtm = _mm(_mT(x), m)
-  pm = m - 0.5 * _mm(x, xtm)
-  tangent = m - _mm(x, 0.5 * (xtm + _mT(xtm)))
-  u = jnp.concatenate([pm, x], axis=-1)
-  v = jnp.concatenate([x, -pm], axis=-1)
-  a = jnp.broadcast_to(lr, x.shape[:1]).astype(x.dtype)
-  if clamp:
-    # |W|_F^2 = tr(V U^T U V^T) = sum((U^T U) * (V^T V)), O(n p^2).
-    w_sq = jnp.sum(_mm(_mT(u), u) * _mm(_mT(v), v), axis=(-2, -1))
-    a = jnp.minimum(a, 1.0 / (jnp.sqrt(jnp.maximum(w_sq, 0.0)) + 1e-8))
-  half = (0.5 * a)[:, None, None]
-  if n <= 2 * p:
-    w = _mm(pm, _mT(x)) - _mm(x, _mT(pm))
-    eye = jnp.eye(n, dtype=x.dtype)
-
-    def one(args):
-      w, x, h = args
-      return jnp.linalg.solve(eye + h * w, _mm(eye - h * w, x))
-
-    new_x = jax.lax.map(one, (w, x, half))
+  if form == "square":
+    omega = 0.5 * (xtm - _mT(xtm))
+    tangent = _mm(x, omega)
+    w_sq = jnp.sum(omega * omega, axis=(-2, -1))
   else:
-    eye = jnp.eye(2 * p, dtype=x.dtype)
+    sym = 0.5 * (xtm + _mT(xtm))
+    tangent = m - _mm(x, sym)
+    pm = m - _mm(x, 0.5 * (xtm + sym))
+  if form == "direct":
+    pxt = _mm(pm, _mT(x))
+    w = pxt - _mT(pxt)
+    w_sq = jnp.sum(w * w, axis=(-2, -1))
+  elif form == "factored":
+    xtp = _mm(_mT(x), pm)
+    ptp = _mm(_mT(pm), pm)
+    gram = _mm(_mT(x), x)
+    # |U V^T|_F^2 = sum((U^T U) * (V^T V)) for U = [P, X], V = [X, -P].
+    w_sq = 2.0 * (jnp.sum(ptp * gram, axis=(-2, -1))
+                  - jnp.sum(xtp * _mT(xtp), axis=(-2, -1)))
+  a = jnp.broadcast_to(lr, x.shape[:1]).astype(x.dtype)
+  w_norm = jnp.sqrt(jnp.maximum(w_sq, 0.0))
+  if clamp:
+    a = jnp.minimum(a, 1.0 / (w_norm + 1e-8))
+  h = 0.5 * a
+  # |hW|_2^2 <= h^2 |W|_F^2 / 2 (the eigenvalues of a skew W come in pairs).
+  beta = 0.5 * jnp.square(h * w_norm)
+  hb = h[:, None, None]
+  yb = None
+  if form == "square":
+    # X (I + h Omega)^{-1} = ((I - h Omega)^{-1} X^T)^T; -h Omega X^T = h T^T.
+    y, b, yb = -hb * omega, _mT(x), hb * _mT(tangent)
+  elif form == "direct":
+    y, b = hb * w, x
+  else:
+    y = jnp.concatenate([
+        jnp.concatenate([hb * xtp, gram], axis=-1),
+        jnp.concatenate([-hb * hb * ptp, -hb * _mT(xtp)], axis=-1)], axis=-2)
+    b = jnp.concatenate([gram, -hb * _mT(xtp)], axis=-2)
 
-    def one(args):
-      u, v, x, h = args
-      return jnp.linalg.solve(eye + h * _mm(v.T, u), _mm(v.T, x))
+  def series():
+    return _series_solve(y, b, beta, yb)
 
-    z = jax.lax.map(one, (u, v, x, half))
-    new_x = x - 2.0 * half * _mm(u, z)
+  def lu():
+    return _lu_solve(y, b)
+
+  if solver == "lu":
+    sol = lu()
+  elif solver == "series" or clamp:
+    sol = series()
+  else:
+    # 1/8 (a|W|_F <= 1) with a margin for the rounding of |W|_F.
+    sol = jax.lax.cond(jnp.all(beta <= 0.125 * (1 + 1e-4)), series, lu)
+  if form == "square":
+    new_x = 2.0 * _mT(sol) - x
+  elif form == "direct":
+    new_x = 2.0 * sol - x
+  else:
+    new_x = x - 2.0 * (_mm(hb * pm, sol[:, :p]) + _mm(x, sol[:, p:]))
   return new_x, tangent
 
 
@@ -179,7 +275,11 @@ def stiefel_sgd(
   the momentum; `clamp_step=False` gives $a = \eta$. The Cayley transform is
   computed exactly (not by Li et al.'s two fixed-point iterations, which
   differ from it by $O(a^3 \|W\|^3)$), through a :math:`2p \times 2p`
-  solve when :math:`n > 2p`. Other parameters get plain SGD with momentum,
+  system when :math:`n > 2p`. Under the clamp ($a \|W\|_F \le 1$) that system
+  is solved to float32 precision by matrix products alone (a Neumann series in
+  $a^2 W^\top W / 4$, whose eigenvalues are at most $1/8$ there), with no LAPACK
+  call; an unclamped step beyond that bound uses an LU solve. Other parameters
+  get plain SGD with momentum,
   ``M <- beta M + G; X <- X - lr M`` (``optax.sgd``).
 
   Parameters off the manifold: a selected parameter with
