@@ -251,6 +251,7 @@ def test_cayley_step_is_exact(n, p_frac, log_scale, lr, clamp, seed):
   np.testing.assert_allclose(out.T @ out, np.eye(p), atol=5e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(5, 5), (9, 3)])
 def test_series_solve_is_exact_in_float64(shape):
   """The series takes as many terms as float64 needs (14 at the bound)."""
