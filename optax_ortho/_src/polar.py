@@ -191,7 +191,10 @@ def _gram_iterate(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   """
   n = a.shape[-1]
   eye = jnp.eye(n, dtype=a.dtype)
-  mm = lambda x, y: jnp.matmul(x, y, precision=_HIGHEST)
+
+  def mm(x, y):
+    return jnp.matmul(x, y, precision=_HIGHEST)
+
   g = mm(_mT(a), a)
   g2 = mm(g, g)
   s = jnp.sqrt(jnp.sqrt(jnp.sum(jnp.square(g2), axis=(-2, -1), keepdims=True)))
