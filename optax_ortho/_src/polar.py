@@ -201,7 +201,7 @@ def _gram_iterate(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   live = s > 0
   s = jnp.where(live, s, jnp.ones((), a.dtype))
   g, g2 = g / s, g2 / jnp.square(s)
-  p = None
+  p: jax.Array | None = None
   ok = live[..., 0, 0]
   for i, (c0, c1, c2) in enumerate(_ITER_COEFFS):
     if i:
@@ -211,6 +211,7 @@ def _gram_iterate(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     g = mm(mm(g, b), b)
   dev = jnp.sqrt(jnp.sum(jnp.square(g - eye), axis=(-2, -1)))
   ok = ok & (dev <= _ITER_TOL)
+  assert p is not None
   return mm(a, p * jax.lax.rsqrt(s)), ok
 
 
