@@ -290,7 +290,9 @@ def auto_polar_stack(
 
   `use_gram` (k,) bool says, per matrix of the (k, m, n) stack, to try the Gram
   route (one eigh of the n x n Gram matrix, checked: its float32 error grows
-  like eps * cond^2, so it is kept only for cond <= 10) before the SVD. Returns
+  like eps * cond^2, so it is kept only for cond <= 10; on CPU, for float32
+  and n <= 64, `_gram_iterate` instead, checked by its convergence) before
+  the SVD. Returns
   the polar factors and the flags for the next call: a matrix that passed the
   check keeps the Gram route; one that took the SVD goes back to the Gram route
   when its singular values say it would pass. Gradients change slowly from step
@@ -440,7 +442,10 @@ def polar(
     [0.85, 1.15], and more steps converge to the exact factor.
   * ``"auto"``: exact, the fastest route per matrix: the Gram route for tall
     or wide matrices whose condition number it verifies at run time (falling
-    back to SVD otherwise), SVD for square-ish ones. Inside `orthonormalize`
+    back to SVD otherwise), SVD for square-ish ones. On CPU, float32 matrices
+    of at most 64 columns (rows, if wide) take the Gram route without LAPACK:
+    a quintic iteration on the Gram matrix, accepted only where it reaches
+    the identity (condition number up to about 20). Inside `orthonormalize`
     the route of each matrix is kept in the state, so a matrix that needed
     the SVD last step goes straight to it.
 
