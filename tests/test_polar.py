@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import optax_ortho
 from optax_ortho import testing
+from optax_ortho._src import polar as polar_lib
 
 EXACT = ("svd", "gram", "auto")
 ITERATIVE = ("newton_schulz", "polar_express")
@@ -100,6 +102,58 @@ def test_auto_mixed_stack_falls_back_per_matrix():
   np.testing.assert_allclose(q, _jit_polar(stack, method="svd"), atol=2e-5)
   testing.assert_unit_singular_values(q[2], 2)
   np.testing.assert_array_equal(q[3], 0.0)
+
+
+def _with_singular_values(m, s, seed):
+  rng = np.random.default_rng(seed)
+  u, _ = np.linalg.qr(rng.standard_normal((m, len(s))))
+  v, _ = np.linalg.qr(rng.standard_normal((len(s), len(s))))
+  return ((u * s) @ v.T).astype(np.float32)
+
+
+_jit_auto_stack = jax.jit(polar_lib.auto_polar_stack)
+
+
+@pytest.mark.parametrize("n", [10, 16, 64])
+@pytest.mark.parametrize("cond", [1.0, 4.0, 10.0])
+def test_auto_gram_iteration_is_exact(n, cond):
+  # `"auto"` on CPU: narrow float32 matrices flagged for the Gram route take
+  # the LAPACK-free iteration; it must pass its check up to cond 10 (so the
+  # SVD's flag, set at cond <= 10, never sends a matrix back to a route that
+  # fails) and be as exact as the SVD.
+  a = np.stack([_with_singular_values(4 * n, np.geomspace(1, 1 / cond, n), i)
+                for i in range(3)])
+  q, flags = _jit_auto_stack(jnp.asarray(a), jnp.ones(3, bool))
+  np.testing.assert_array_equal(flags, True)
+  ref = testing.polar_reference(a)
+  err = np.linalg.norm(np.asarray(q, np.float64) - ref) / np.linalg.norm(ref)
+  assert err < 3e-6, err
+  q_iter, ok = jax.jit(polar_lib._gram_iterate)(polar_lib._unit_scale(a))
+  np.testing.assert_array_equal(ok, True)
+  np.testing.assert_allclose(q_iter, q, atol=1e-6)
+
+
+def test_auto_gram_iteration_rejects_ill_conditioned_and_rank_deficient():
+  # The iteration's check is what makes it exact: a matrix whose smallest
+  # singular values it has not brought to one (cond 30, cond 1e4, rank 3,
+  # zero) fails it and gets the SVD's pseudo-polar factor, with the flag off.
+  n = 16
+  ill = _with_singular_values(64, np.r_[np.ones(n - 1), 1 / 30], 0)
+  worse = _with_singular_values(64, np.geomspace(1, 1e-4, n), 1)
+  rank3 = _with_singular_values(64, np.r_[np.ones(3), np.zeros(n - 3)], 2)
+  good = _with_singular_values(64, np.geomspace(1, 0.5, n), 3)
+  a = np.stack([ill, worse, rank3, np.zeros((64, n), np.float32), good])
+  _, ok = jax.jit(polar_lib._gram_iterate)(polar_lib._unit_scale(a))
+  np.testing.assert_array_equal(ok, [False, False, False, False, True])
+  q, flags = _jit_auto_stack(jnp.asarray(a), jnp.ones(5, bool))
+  np.testing.assert_array_equal(flags, [False, False, False, False, True])
+  np.testing.assert_allclose(q, _jit_polar(a, method="svd"), atol=2e-5)
+  testing.assert_unit_singular_values(q[2], 3)
+  np.testing.assert_array_equal(q[3], 0.0)
+  # A flag that is off skips the iteration: the SVD, the same factor.
+  q_off, flags_off = _jit_auto_stack(jnp.asarray(a), jnp.zeros(5, bool))
+  np.testing.assert_allclose(q_off, q, atol=2e-5)
+  np.testing.assert_array_equal(flags_off, [False, False, False, False, True])
 
 
 @pytest.mark.slow  # hypothesis, one compile per shape: about 80 s on a loaded machine
