@@ -46,10 +46,11 @@ def matrices(
     dtype: NumPy dtype of the result.
 
   Example:
-    >>> from hypothesis import given
+    >>> from hypothesis import given, settings
     >>> import optax_ortho
     >>> from optax_ortho import testing
-    >>> @given(testing.matrices(rank_deficient=False, max_condition=10.0))
+    >>> @settings(max_examples=5, deadline=None)
+    ... @given(testing.matrices(rank_deficient=False, max_condition=10.0))
     ... def check(a):
     ...   testing.assert_orthonormal(optax_ortho.polar(a), atol=1e-4)
     >>> check()
