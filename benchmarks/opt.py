@@ -27,7 +27,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
@@ -43,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from busy import busy_processes  # noqa: E402  (benchmarks/, the script's folder)
+
 from optax_ortho import linen as ortho_nn  # noqa: E402
 
 METHODS = ("cayley", "householder", "lowdin", "gram_schmidt")
@@ -101,18 +102,12 @@ def main(argv=None) -> dict:
     fn()
     fn()
   times = {k: [] for k in fns}
-  busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-          for _ in range(args.load)]
-  try:
+  with busy_processes(args.load):
     loadavg_before = os.getloadavg()
     for _ in range(args.runs):
       for k, fn in fns.items():  # interleaved: drift hits every method alike
         times[k].append(time_once(fn, args.reps if "conv" not in k else 1))
     loadavg_after = os.getloadavg()
-  finally:
-    for p in busy:
-      p.kill()
-      p.wait()
   rows = []
   for k, t in times.items():
     t = np.array(t)

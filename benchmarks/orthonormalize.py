@@ -28,7 +28,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -36,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from busy import busy_processes  # noqa: E402  (benchmarks/, the script's folder)
 from optax.contrib import MuonDimensionNumbers  # noqa: E402
 
 import optax_ortho  # noqa: E402
@@ -172,24 +172,18 @@ def main(argv=None):
     return make_tree(shapes)
 
   trees = {t: tree_of(t) for t in args.trees}
-  busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-          for _ in range(args.load)]
   meta = {"device": str(jax.devices()[0]), "jax": jax.__version__,
           "machine": platform.machine(), "cpus": os.cpu_count(), "reps": args.reps,
           "grads": args.grads, "busy_processes": args.load,
           "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
   rows = []
-  try:
+  with busy_processes(args.load):
     meta["loadavg_before"] = os.getloadavg()
     for t in args.trees:
       rows += bench_tree(t, trees[t], args.reps)
       meta["loadavg_after"] = os.getloadavg()
       with open(args.out, "w") as f:  # after every tree: a partial run counts
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-  finally:
-    for p in busy:
-      p.kill()
-      p.wait()
   print(f"{meta}\n")
   print("| pytree | candidate | x naive SVD | x muon | rel. error vs float64 |")
   print("|---|---|---|---|---|")

@@ -39,7 +39,6 @@ import contextlib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -49,6 +48,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from busy import busy_processes  # noqa: E402  (benchmarks/, the script's folder)
+
 import optax_ortho  # noqa: E402
 from optax_ortho._src import stiefel  # noqa: E402
 
@@ -215,20 +216,14 @@ def main(argv=None):
           "rounds": args.rounds, "reps": args.reps, "busy_processes": args.load,
           "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-  busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-          for _ in range(args.load)]
   rows = []
-  try:
+  with busy_processes(args.load):
     meta["loadavg_before"] = os.getloadavg()
     for name in args.problems:
       rows += bench(name, problems[name](), args.rounds, args.reps)
       meta["loadavg_after"] = os.getloadavg()
       with open(args.out, "w") as f:  # after every problem: a partial run counts
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-  finally:
-    for p in busy:
-      p.kill()
-      p.wait()
   print(f"{meta}\n")
   print("| problem | candidate | ms | x sgd | x old | cpu x sgd | cpu x old |")
   print("|---|---|---|---|---|---|---|")
