@@ -143,7 +143,9 @@ def orthonormalize(
   Args:
     method: how to compute the polar factor; see `optax_ortho.polar`. The
       default `"auto"` is exact and the fastest exact route per matrix: the
-      Gram route (one `eigh` of the smaller Gram matrix) where it is exact,
+      Gram route (one `eigh` of the smaller Gram matrix; on CPU, for float32
+      matrices of at most 64 columns, a checked iteration of matrix products
+      instead) where it is exact,
       the SVD elsewhere, remembered from step to step in the state (a matrix
       whose Gram route failed the check goes straight to the SVD at the next
       step, and back when its singular values allow), so it is never slower
