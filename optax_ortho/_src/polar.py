@@ -174,6 +174,29 @@ _ITER_TOL = 1e-4
 _ITER_MAX_N = 64
 
 
+def _gram_steps(g: jax.Array, coeffs, mm: Callable, g2: jax.Array | None = None,
+                final_gram: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Odd quintic steps on the Gram matrix G = a^T a of a tall stack.
+
+  With B_k = c0 I + c1 G_k + c2 G_k^2 the iterate a_k = a B_0 ... B_{k-1} has
+  the Gram matrix G_{k+1} = G_k B_k^2 (all commute), so the steps need n x n
+  products only. Returns the product P of the B_k (a @ P is the last iterate)
+  and the last G: G after every step with `final_gram`, else after all but
+  the last (whose update nobody needs). `g2`, if given, is G^2 already.
+  """
+  eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+  p = None
+  for i, (c0, c1, c2) in enumerate(coeffs):
+    if i or g2 is None:
+      g2 = mm(g, g)
+    b = c0 * eye + c1 * g + c2 * g2
+    p = b if p is None else mm(p, b)
+    if final_gram or i + 1 < len(coeffs):
+      g = mm(g, mm(b, b))
+  assert p is not None, "coeffs must not be empty"
+  return p, g
+
+
 def _gram_iterate(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Exact polar factor of each well-conditioned matrix of a (k, m, n) stack
   by matrix products only, and whether it converged.
@@ -189,9 +212,6 @@ def _gram_iterate(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   allow fails it (its singular values have not reached one) and goes to the
   SVD. No LAPACK call, so the whole stack is one batch of products.
   """
-  n = a.shape[-1]
-  eye = jnp.eye(n, dtype=a.dtype)
-
   def mm(x, y):
     return jnp.matmul(x, y, precision=_HIGHEST)
 
@@ -200,18 +220,11 @@ def _gram_iterate(a: jax.Array) -> tuple[jax.Array, jax.Array]:
   s = jnp.sqrt(jnp.sqrt(jnp.sum(jnp.square(g2), axis=(-2, -1), keepdims=True)))
   live = s > 0
   s = jnp.where(live, s, jnp.ones((), a.dtype))
-  g, g2 = g / s, g2 / jnp.square(s)
-  p: jax.Array | None = None
-  ok = live[..., 0, 0]
-  for i, (c0, c1, c2) in enumerate(_ITER_COEFFS):
-    if i:
-      g2 = mm(g, g)
-    b = c0 * eye + c1 * g + c2 * g2
-    p = b if p is None else mm(p, b)
-    g = mm(mm(g, b), b)
+  p, g = _gram_steps(g / s, _ITER_COEFFS, mm, g2=g2 / jnp.square(s),
+                     final_gram=True)
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
   dev = jnp.sqrt(jnp.sum(jnp.square(g - eye), axis=(-2, -1)))
-  ok = ok & (dev <= _ITER_TOL)
-  assert p is not None
+  ok = live[..., 0, 0] & (dev <= _ITER_TOL)
   return mm(a, p * jax.lax.rsqrt(s)), ok
 
 
@@ -348,15 +361,10 @@ def _ns_iterate(a: jax.Array, coeffs) -> jax.Array:
       b = c1 * gram + c2 * (gram @ gram)
       a = c0 * a + a @ b
     return a
-  g = _mT(a) @ a
-  eye = jnp.eye(n, dtype=a.dtype)
-  p = None
-  for i, (c0, c1, c2) in enumerate(coeffs):
-    b = c0 * eye + c1 * g + c2 * (g @ g)
-    p = b if p is None else p @ b
-    if i + 1 < len(coeffs):
-      g = g @ (b @ b)
-  return a if p is None else a @ p
+  if not coeffs:
+    return a
+  p, _ = _gram_steps(_mT(a) @ a, coeffs, jnp.matmul)
+  return a @ p
 
 
 def _newton_schulz_polar(a: jax.Array, steps: int) -> jax.Array:
