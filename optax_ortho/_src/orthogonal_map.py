@@ -183,7 +183,7 @@ def orthogonal_map(
   # forever on an Inf): it is zeroed there and its result replaced by NaN.
   a, ok = checks.lapack_input(r.astype(compute).reshape((-1, n, n)))
   fn = _MAPS[method]
-  q = fn(a[0])[None] if a.shape[0] == 1 else jax.lax.map(fn, a)
+  q = checks.lapack_map(fn, a)
   return checks.poison(q, ok).reshape(r.shape).astype(r.dtype)
 
 

@@ -81,7 +81,7 @@ def _full_polar(x: jax.Array) -> jax.Array:
   def one(a):
     u, _, vt = jnp.linalg.svd(a, full_matrices=False)
     return _mm(u, vt)
-  return jax.lax.map(one, x)
+  return checks.lapack_map(one, x)
 
 
 def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
@@ -152,8 +152,8 @@ def _series_solve(y: jax.Array, b: jax.Array, beta: jax.Array,
 def _lu_solve(y: jax.Array, b: jax.Array) -> jax.Array:
   """(I + Y)^{-1} B by LU, one matrix at a time (DESIGN.md: no batched LAPACK)."""
   eye = jnp.eye(y.shape[-1], dtype=y.dtype)
-  return jax.lax.map(lambda args: jnp.linalg.solve(eye + args[0], args[1]),
-                     (y, b))
+  return checks.lapack_map(
+      lambda args: jnp.linalg.solve(eye + args[0], args[1]), (y, b))
 
 
 def _cayley_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool,
