@@ -27,6 +27,19 @@ SCRIPT = textwrap.dedent("""
         out, _ = update(tree, tx.init(tree))
         jax.block_until_ready(out)
       assert all(bool(jnp.isfinite(x).all()) for x in out), method
+    # Wide stacks: unrolled per-matrix eigh and SVD calls that XLA runs
+    # concurrently (checks.lapack_map), flags all set, none set and mixed.
+    from optax_ortho.testing import transformer_shapes
+    wide = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for k, s in transformer_shapes(d=96, layers=4, vocab=384).items()}
+    wide["l0_out"] = wide["l0_out"].at[:, 1:].set(0.0)  # rank 1: takes the SVD
+    for method in ("svd", "auto"):
+      tx = optax_ortho.orthonormalize(method)
+      update, state = jax.jit(tx.update), tx.init(wide)
+      for _ in range(3):
+        out, state = update(wide, state)
+        jax.block_until_ready(out)
+      assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(out)), method
     print("finished")
 """)
 

@@ -3,7 +3,7 @@
 `orthogonal_map` turns an unconstrained square matrix into an orthogonal one;
 `orthogonality_penalty` and `hyperspherical_energy` measure a layer's neurons.
 The maps are those of the authors' released code (wy1iu/OPT). Every LAPACK
-call (solve, QR, SVD) runs on one finite matrix at a time through `jax.lax.map`,
+call (solve, QR, SVD) runs on one finite matrix at a time (`checks.lapack_map`),
 never as a batched kernel (DESIGN.md, "Platform hazards").
 """
 

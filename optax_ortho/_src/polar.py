@@ -1,11 +1,11 @@
 """Polar factor U V^T of a matrix, or of a stack of matrices.
 
 The solver lowering is chosen per platform with `jax.lax.platform_dependent`.
-On CPU every LAPACK decomposition runs on ONE matrix at a time through
-`jax.lax.map`: jaxlib 0.10.2's batched CPU LAPACK kernels (`ParallelBatchMap`)
-were seen to hang forever on 2-core machines when a jitted program held several
-of them (see "Platform hazards" in DESIGN.md); a loop of unbatched calls cannot
-enter that code. On GPU and TPU each stack of same-shaped matrices goes to ONE
+On CPU every LAPACK decomposition runs on ONE matrix at a time
+(`checks.lapack_map`: unbatched calls, unrolled so that XLA runs independent
+ones concurrently): jaxlib 0.10.2's batched CPU LAPACK kernels
+(`ParallelBatchMap`) were seen to hang forever on 2-core machines when a jitted
+program held several of them (see "Platform hazards" in DESIGN.md). On GPU and TPU each stack of same-shaped matrices goes to ONE
 batched solver call (cuSOLVER's batched kernels; TPU's batched HLO), with no
 loop around it. The branch is resolved when the program is lowered for its
 platform, so the CPU program never contains the batched call.
@@ -91,7 +91,7 @@ def _mT(x: jax.Array) -> jax.Array:
 def _per_matrix(fn: Callable, x):
   """Applies `fn` to each (m, n) matrix of a (k, m, n) stack (or a tuple of stacks).
 
-  On CPU one matrix at a time (`jax.lax.map`, the hang workaround); elsewhere
+  On CPU one matrix at a time (`checks.lapack_map`, the hang workaround); elsewhere
   batched (`jax.vmap`: one solver call for the whole stack, no while loop).
   """
   return jax.lax.platform_dependent(
