@@ -169,7 +169,7 @@ def test_transforms_export(name, platform):
   tx, params = _transform_cases()[name]
   fn, args = _update(tx, params)
   calls, whiles, in_loop = structure(program(fn, *args, platform=platform))
-  if platform in GPUS and name != "stiefel_sgd":
+  if platform in GPUS:
     assert whiles == 0 and in_loop == 0, dict(calls)
 
 

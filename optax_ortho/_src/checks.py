@@ -179,3 +179,16 @@ def lapack_map(fn: Callable, xs: Any) -> Any:
     return jax.tree.map(lambda y: y[None], out)
   return jax.lax.scan(lambda carry, x: (carry, fn(x)), None, xs,
                       unroll=max(1, min(k, _LAPACK_UNROLL)))[1]
+
+
+def per_matrix(fn: Callable, x: Any) -> Any:
+  """Applies a LAPACK-calling `fn` to each matrix of a (k, m, n) stack (or a
+  tuple of stacks), with the lowering chosen per platform.
+
+  On CPU one unbatched call per matrix (`lapack_map`, the hang workaround);
+  elsewhere batched (`jax.vmap`: one solver call for the whole stack, no
+  loop). The branch is resolved when the program is lowered for its
+  platform, so a CPU program never holds the batched call.
+  """
+  return jax.lax.platform_dependent(
+      x, cpu=lambda x: lapack_map(fn, x), default=jax.vmap(fn))

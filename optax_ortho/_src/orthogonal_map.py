@@ -3,8 +3,9 @@
 `orthogonal_map` turns an unconstrained square matrix into an orthogonal one;
 `orthogonality_penalty` and `hyperspherical_energy` measure a layer's neurons.
 The maps are those of the authors' released code (wy1iu/OPT). Every LAPACK
-call (solve, QR, SVD) runs on one finite matrix at a time (`checks.lapack_map`),
-never as a batched kernel (DESIGN.md, "Platform hazards").
+call (solve, QR, SVD) on CPU runs on one finite matrix at a time, never as a
+batched kernel (DESIGN.md, "Platform hazards"); on GPU and TPU a stack is one
+batched call (`checks.per_matrix`).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def orthogonal_map(
   # forever on an Inf): it is zeroed there and its result replaced by NaN.
   a, ok = checks.lapack_input(r.astype(compute).reshape((-1, n, n)))
   fn = _MAPS[method]
-  q = checks.lapack_map(fn, a)
+  q = checks.per_matrix(fn, a)
   return checks.poison(q, ok).reshape(r.shape).astype(r.dtype)
 
 

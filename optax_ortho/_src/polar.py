@@ -88,16 +88,6 @@ def _mT(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, -1, -2)
 
 
-def _per_matrix(fn: Callable, x):
-  """Applies `fn` to each (m, n) matrix of a (k, m, n) stack (or a tuple of stacks).
-
-  On CPU one matrix at a time (`checks.lapack_map`, the hang workaround); elsewhere
-  batched (`jax.vmap`: one solver call for the whole stack, no while loop).
-  """
-  return jax.lax.platform_dependent(
-      x, cpu=lambda x: checks.lapack_map(fn, x), default=jax.vmap(fn))
-
-
 def _svd_factor(m: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
   """Pseudo-polar factor of one matrix by SVD, and its singular values."""
   u, s, vt = jnp.linalg.svd(m, full_matrices=False)
@@ -111,14 +101,14 @@ def _svd_one(m: jax.Array, eps: float) -> jax.Array:
 
 
 def _svd_polar(a: jax.Array, eps: float) -> jax.Array:
-  return _per_matrix(lambda m: _svd_one(m, eps), a)
+  return checks.per_matrix(lambda m: _svd_one(m, eps), a)
 
 
 def _gram_eig(a: jax.Array):
   # `a` comes from `polar_stack` scaled to max-abs 1, so squaring it can
   # neither overflow nor underflow to zero (it did outside about 1e+-19).
   gram = jnp.matmul(_mT(a), a, precision=_HIGHEST)
-  return _per_matrix(jnp.linalg.eigh, gram)
+  return checks.per_matrix(jnp.linalg.eigh, gram)
 
 
 def _gram_from_eig(a, w, v, wtol: float | jax.Array) -> jax.Array:

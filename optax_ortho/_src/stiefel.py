@@ -72,7 +72,7 @@ def _resolve_mask(updates, mask) -> list[bool]:
 
 
 def _full_polar(x: jax.Array) -> jax.Array:
-  """U V^T of each (n, p) matrix of a finite stack, one SVD at a time.
+  """U V^T of each (n, p) matrix of a finite stack, one SVD per matrix.
 
   Unlike the pseudo-polar factor of `orthonormalize`, the null directions of
   a rank-deficient (or zero) matrix are filled from the SVD's own basis: the
@@ -81,7 +81,7 @@ def _full_polar(x: jax.Array) -> jax.Array:
   def one(a):
     u, _, vt = jnp.linalg.svd(a, full_matrices=False)
     return _mm(u, vt)
-  return checks.lapack_map(one, x)
+  return checks.per_matrix(one, x)
 
 
 def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
@@ -150,9 +150,9 @@ def _series_solve(y: jax.Array, b: jax.Array, beta: jax.Array,
 
 
 def _lu_solve(y: jax.Array, b: jax.Array) -> jax.Array:
-  """(I + Y)^{-1} B by LU, one matrix at a time (DESIGN.md: no batched LAPACK)."""
+  """(I + Y)^{-1} B by LU, per matrix on CPU (DESIGN.md: no batched LAPACK)."""
   eye = jnp.eye(y.shape[-1], dtype=y.dtype)
-  return checks.lapack_map(
+  return checks.per_matrix(
       lambda args: jnp.linalg.solve(eye + args[0], args[1]), (y, b))
 
 
