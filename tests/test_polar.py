@@ -156,6 +156,26 @@ def test_auto_gram_iteration_rejects_ill_conditioned_and_rank_deficient():
   np.testing.assert_array_equal(flags_off, [False, False, False, False, True])
 
 
+@pytest.mark.parametrize("n, dtype", [(72, np.float32), (8, np.float64)])
+@pytest.mark.parametrize("flags", [(1, 1, 1, 1), (0, 0, 0, 0), (1, 0, 1, 0)])
+def test_auto_eigh_route_every_flag_pattern(n, dtype, flags):
+  # Wider than the iteration's limit, or float64: one `eigh` per flagged
+  # matrix, made without a `cond` when every flag of the stack is set
+  # (`polar._masked_map`), then the SVD for those that failed the check or
+  # were not flagged. The factor and the new flags never depend on the path.
+  good = _with_singular_values(3 * n, np.geomspace(1, 0.3, n), 0)
+  ill = _with_singular_values(3 * n, np.geomspace(1, 1e-3, n), 1)
+  rank2 = _with_singular_values(3 * n, np.r_[1.0, 0.5, np.zeros(n - 2)], 2)
+  good2 = _with_singular_values(3 * n, np.geomspace(1, 0.5, n), 3)
+  with jax.enable_x64(dtype == np.float64):
+    a = jnp.asarray(np.stack([good, ill, rank2, good2]).astype(dtype))
+    q, new_flags = _jit_auto_stack(a, jnp.asarray(flags, bool))
+    q_svd = _jit_polar(a, method="svd")
+  np.testing.assert_array_equal(new_flags, [True, False, False, True])
+  np.testing.assert_allclose(q, q_svd, atol=2e-5)
+  testing.assert_unit_singular_values(q[2], 2)
+
+
 @pytest.mark.slow  # hypothesis, one compile per shape: about 80 s on a loaded machine
 @given(a=testing.matrices(min_side=2, rank_deficient=False, max_condition=5.0))
 def test_newton_schulz_equals_muon(a):
