@@ -6,7 +6,8 @@ Runs on scikit-learn's embedded `digits` data set (8x8 images, no download):
     python examples/compare.py --methods sgd orthogonal_sgd --seeds 1 --steps 100
 
 Prints a table (final test accuracy, steps to 95 % test accuracy, time per step
-relative to the plain optimizer of the same family) and writes training curves
+relative to the plain optimizer of the same family; the steps are timed after
+training, every method in turn, so that all meet the same load) and writes training curves
 (`curves.png`: test accuracy, training loss, gradient norm), time-per-step bars (`time_per_step.png`) and the raw numbers
 (`results.json`) into `--out` (default `out/` for the full run, a sub-folder of
 `out/` named after the arguments for any other, e.g. `out/sgd-orthogonal_sgd_seeds1`).
@@ -260,7 +261,8 @@ def accuracy(apply_fn, params, x, y, batch=512):
 
 
 def train(name: str, seed: int, steps: int, batch_size: int, eval_every: int,
-          data, progress=None) -> dict:
+          data, progress=None) -> tuple[dict, Callable[[], None]]:
+  """One training run, and a function that times one more step of it."""
   (x_train, y_train), (x_test, y_test) = data
   method = METHODS[name]
   model = method.model()
@@ -300,15 +302,39 @@ def train(name: str, seed: int, steps: int, batch_size: int, eval_every: int,
     if progress is not None:
       progress.update(1)
   reached = [s for s, a in zip(history["step"], history["test_accuracy"]) if a >= 0.95]
+  xb, yb = x_train[:batch_size], y_train[:batch_size]
+
+  def one_step():
+    jax.block_until_ready(step(params, opt_state, xb, yb))
+
   return {
       "method": name, "seed": seed, "history": history,
       "final_test_accuracy": history["test_accuracy"][-1],
       "steps_to_95": reached[0] if reached else None,
       "time_per_step": float(np.median(step_times)) if step_times else float("nan"),
-  }
+  }, one_step
 
 
-def summarise(runs: list[dict]) -> list[dict]:
+def interleaved_step_times(steppers: dict[str, Callable[[], None]], rounds: int,
+                           steps: int = 5) -> dict[str, float]:
+  """Median time per step of every method, timed in turn, `rounds` times.
+
+  The runs themselves go one method after another, so a change of load
+  between them (another job starting) would show as a speed difference;
+  here every method meets the same load.
+  """
+  times: dict[str, list[float]] = {name: [] for name in steppers}
+  for _ in range(rounds):
+    for name, one_step in steppers.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        one_step()
+      times[name].append((time.perf_counter() - t0) / steps)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def summarise(runs: list[dict],
+              step_times: dict[str, float] | None = None) -> list[dict]:
   by_method: dict[str, list[dict]] = {}
   for r in runs:
     by_method.setdefault(r["method"], []).append(r)
@@ -316,7 +342,8 @@ def summarise(runs: list[dict]) -> list[dict]:
   for name, rs in by_method.items():
     acc = np.array([r["final_test_accuracy"] for r in rs])
     t95 = [r["steps_to_95"] for r in rs]
-    tps = float(np.median([r["time_per_step"] for r in rs]))
+    tps = (step_times[name] if step_times and name in step_times
+           else float(np.median([r["time_per_step"] for r in rs])))
     rows.append({"method": name, "acc_mean": float(acc.mean()),
                  "acc_std": float(acc.std()), "steps_to_95": t95,
                  "time_per_step": tps})
@@ -397,7 +424,7 @@ def plot(runs: list[dict], rows: list[dict], out: str) -> None:
   ax.barh([r["method"] for r in rows], [1e3 * r["time_per_step"] for r in rows],
           color=[styles[r["method"]]["color"] for r in rows])
   # Log axis: the times span two orders of magnitude (1 ms for SGD, tens for OPT).
-  ax.set(xlabel="median ms per step (after compilation, log scale)",
+  ax.set(xlabel="median ms per step (methods timed in turn, log scale)",
          title="time per step", xscale="log")
   ax.invert_yaxis()
   fig.tight_layout()
@@ -429,6 +456,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
   parser.add_argument("--eval-every", type=int, default=10,
                       help="steps between test-accuracy evaluations")
+  parser.add_argument("--timing-rounds", type=int, default=20,
+                      help="after training, rounds of 5 steps of every method in"
+                           " turn, whose median is the reported time per step"
+                           " (0: the median over the training steps instead)")
   parser.add_argument("--out", default=None,
                       help="output folder (default: out/ for the full default run,"
                            " else a folder named after the arguments, e.g."
@@ -449,15 +480,21 @@ def main(argv=None) -> list[dict]:
   os.makedirs(args.out, exist_ok=True)
 
   data = load_digits_split()
-  runs = []
+  runs, steppers = [], {}
   with tqdm(total=len(names) * args.seeds * args.steps, desc="training",
             unit="step", disable=None) as progress:
     for name in names:
       for seed in range(args.seeds):
         progress.set_postfix_str(f"{name} seed {seed}")
-        runs.append(train(name, seed, args.steps, args.batch_size,
-                          args.eval_every, data, progress))
-  rows = summarise(runs)
+        run, one_step = train(name, seed, args.steps, args.batch_size,
+                              args.eval_every, data, progress)
+        runs.append(run)
+        steppers.setdefault(name, one_step)
+  step_times = None
+  if args.timing_rounds > 0:
+    print(f"timing: {args.timing_rounds} rounds of every method in turn")
+    step_times = interleaved_step_times(steppers, args.timing_rounds)
+  rows = summarise(runs, step_times)
   print(format_table(rows))
   plot(runs, rows, args.out)
   with open(os.path.join(args.out, "results.json"), "w") as f:
