@@ -5,10 +5,11 @@ On CPU every LAPACK decomposition runs on ONE matrix at a time
 (`checks.lapack_map`: unbatched calls, unrolled so that XLA runs independent
 ones concurrently): jaxlib 0.10.2's batched CPU LAPACK kernels
 (`ParallelBatchMap`) were seen to hang forever on 2-core machines when a jitted
-program held several of them (see "Platform hazards" in DESIGN.md). On GPU and TPU each stack of same-shaped matrices goes to ONE
-batched solver call (cuSOLVER's batched kernels; TPU's batched HLO), with no
-loop around it. The branch is resolved when the program is lowered for its
-platform, so the CPU program never contains the batched call.
+program held several of them (see "Platform hazards" in DESIGN.md). On GPU and
+TPU each stack of same-shaped matrices goes to ONE batched solver call
+(cuSOLVER's batched kernels; TPU's batched HLO), with no loop around it. The
+branch is resolved when the program is lowered for its platform, so the CPU
+program never contains the batched call.
 Matrix products, which do not go through LAPACK, stay batched everywhere.
 """
 
@@ -234,7 +235,8 @@ def _masked_map(fn: Callable, mask: jax.Array, a: jax.Array):
   def some(a):
     def one(args):
       x, m = args
-      return jax.lax.cond(m, fn, lambda x: (jnp.zeros_like(x), jnp.bool_(False)), x)
+      return jax.lax.cond(
+          m, fn, lambda x: (jnp.zeros_like(x), jnp.bool_(False)), x)
     return checks.lapack_map(one, (a, mask))
 
   index = jnp.where(jnp.all(mask), 0, jnp.where(jnp.any(mask), 1, 2))
