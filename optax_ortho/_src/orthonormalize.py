@@ -215,31 +215,33 @@ def orthonormalize(
     dims = mv.resolve_dimension_numbers(updates, dimension_numbers)
     groups, views = _group(leaves, dims)
 
-    stacks = []
-    for (_, _, compute), idx in groups.items():
-      parts = [mv.to_stack(leaves[i], views[i], compute) for i in idx]
-      stacks.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+    parts = [[mv.to_stack(leaves[i], views[i], compute) for i in idx]
+             for (_, _, compute), idx in groups.items()]
     flags = None
     if stateful:
-      flags = _split_flags(state.use_gram, [a.shape[0] for a in stacks])
-    if parallel == "layers":
-      qs, flags = layer_parallel.polar_groups(
-          stacks, method, eps=eps, ns_steps=ns_steps, mesh=mesh, flags=flags)
-    elif flags is not None:
+      flags = _split_flags(state.use_gram,
+                           [sum(x.shape[0] for x in p) for p in parts])
+    if flags is not None and parallel != "layers":
+      # "auto" takes the parts themselves: its usual CPU route never stacks
+      # the matrices, only their small Gram matrices.
       qs, flags = map(list, zip(*[
-          polar_lib.auto_polar_stack(a, f, eps) for a, f in zip(stacks, flags)
-      ])) if stacks else ([], [])
+          polar_lib.auto_polar_parts(p, f, eps) for p, f in zip(parts, flags)
+      ])) if parts else ([], [])
     else:
-      qs = [polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps)
-            for a in stacks]
+      stacks = [jnp.concatenate(p) if len(p) > 1 else p[0] for p in parts]
+      if parallel == "layers":
+        qs, flags = layer_parallel.polar_groups(
+            stacks, method, eps=eps, ns_steps=ns_steps, mesh=mesh, flags=flags)
+      else:
+        qs = [polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps)
+              for a in stacks]
+      qs = [polar_lib.split_stack(q, [x.shape[0] for x in p])
+            for q, p in zip(qs, parts)]
 
     out = list(leaves)
     for idx, q in zip(groups.values(), qs):
-      start = 0
-      for i in idx:
-        k = views[i].batch
-        out[i] = mv.from_stack(q[start:start + k], views[i], leaves[i])
-        start += k
+      for i, qi in zip(idx, q):
+        out[i] = mv.from_stack(qi, views[i], leaves[i])
     if stateful:
       new = (jnp.concatenate(flags) if flags else state.use_gram)
       state = OrthonormalizeState(use_gram=_like(new, state.use_gram))
