@@ -156,6 +156,95 @@ def test_auto_gram_iteration_rejects_ill_conditioned_and_rank_deficient():
   np.testing.assert_array_equal(flags_off, [False, False, False, False, True])
 
 
+_jit_auto_parts = jax.jit(polar_lib.auto_polar_parts)
+
+
+def _general_route(parts, flags):
+  a = jnp.concatenate(parts)
+  return polar_lib._auto_guarded(polar_lib._auto_cpu, a, flags,
+                                 polar_lib.default_eps(*a.shape[-2:]))
+
+
+@pytest.mark.parametrize("case", [
+    "clean", "tiny", "huge", "below_lean_range", "above_lean_range",
+    "one_ill_conditioned", "one_rank_deficient", "nan", "inf", "zero",
+    "flag_off"])
+def test_auto_lean_route_equals_the_general_route(case):
+  # On CPU a float32 group of at most 64 columns takes `_auto_cpu_lean`: each
+  # part keeps its own buffer, G = a^T a of every part is stacked, and the
+  # guards (finite, scale) are read off G's diagonal. Whatever the input, it
+  # must give the factors and flags of the general route (stacked, zeroed,
+  # unit-scaled, SVD where the check fails).
+  n = 16
+  mats = [_with_singular_values(48, np.geomspace(1, 1 / c, n), i)
+          for i, c in enumerate((2.0, 5.0, 8.0, 3.0))]
+  flags = np.ones(4, bool)
+  scale = {"tiny": 1e-30, "huge": 1e30, "below_lean_range": 2.0**-75,
+           "above_lean_range": 2.0**65}.get(case, 1.0)
+  mats = [m * np.float32(scale) for m in mats]
+  if case == "one_ill_conditioned":
+    mats[2] = _with_singular_values(48, np.r_[np.ones(n - 1), 1 / 30], 7)
+  elif case == "one_rank_deficient":
+    mats[1] = _with_singular_values(48, np.r_[np.ones(4), np.zeros(n - 4)], 8)
+  elif case == "nan":
+    mats[1][3, 5] = np.nan
+  elif case == "inf":
+    mats[3][0, 0] = np.inf
+  elif case == "zero":
+    mats[0][:] = 0.0
+  elif case == "flag_off":
+    flags[2] = False
+  stack = np.stack(mats).astype(np.float32)
+  parts = [jnp.asarray(stack[:1]), jnp.asarray(stack[1:3]), jnp.asarray(stack[3:])]
+  q, new_flags = _jit_auto_parts(parts, jnp.asarray(flags))
+  q_ref, flags_ref = jax.jit(_general_route)(parts, jnp.asarray(flags))
+  np.testing.assert_array_equal(new_flags, flags_ref)
+  q = np.concatenate([np.asarray(x) for x in q])
+  np.testing.assert_array_equal(np.isnan(q), np.isnan(np.asarray(q_ref)))
+  np.testing.assert_allclose(q, q_ref, atol=2e-5)
+  finite = np.all(np.isfinite(stack), axis=(1, 2))
+  ref = testing.polar_reference(np.where(finite[:, None, None], stack, 0.0))
+  np.testing.assert_allclose(q[finite], ref[finite], atol=2e-5)
+  assert np.all(np.isnan(q[~finite]))
+
+
+@pytest.mark.parametrize("bad", [None, "ill", "nan", "flag_off"])
+def test_auto_groups_of_one_width_share_the_iteration(bad):
+  # Shape groups of one width (48x16, 144x16, a wide 16x32 seen as 32x16)
+  # share one iteration on CPU; one bad matrix in one group sends only that
+  # group to the general route, and every group gets the factors and flags it
+  # would get alone.
+  n = 16
+  shapes = [(48, 2), (144, 3), (32, 1)]
+  groups, flags = [], []
+  for gi, (m, k) in enumerate(shapes):
+    mats = np.stack([_with_singular_values(m, np.geomspace(1, 0.2, n), 10 * gi + j)
+                     for j in range(k)])
+    groups.append([jnp.asarray(mats[:1]), jnp.asarray(mats[1:])] if k > 1
+                  else [jnp.asarray(mats)])
+    flags.append(np.ones(k, bool))
+  if bad == "ill":
+    groups[1][1] = groups[1][1].at[0].set(
+        _with_singular_values(144, np.r_[np.ones(n - 1), 1 / 30], 99))
+  elif bad == "nan":
+    groups[1][1] = groups[1][1].at[1, 0, 0].set(np.nan)
+  elif bad == "flag_off":
+    flags[1][2] = False
+  flags = [jnp.asarray(f) for f in flags]
+  together = jax.jit(polar_lib.auto_polar_groups)(groups, flags)
+  for grp, f, (q, new) in zip(groups, flags, together):
+    q_alone, new_alone = _jit_auto_parts(grp, f)
+    np.testing.assert_array_equal(new, new_alone)
+    for x, y in zip(q, q_alone):
+      np.testing.assert_allclose(x, y, atol=2e-5)
+    a = np.concatenate([np.asarray(x) for x in grp])
+    finite = np.all(np.isfinite(a), axis=(1, 2))
+    ref = testing.polar_reference(np.where(finite[:, None, None], a, 0.0))
+    q = np.concatenate([np.asarray(x) for x in q])
+    np.testing.assert_allclose(q[finite], ref[finite], atol=2e-5)
+    assert np.all(np.isnan(q[~finite]))
+
+
 @pytest.mark.parametrize("n, dtype", [(72, np.float32), (8, np.float64)])
 @pytest.mark.parametrize("flags", [(1, 1, 1, 1), (0, 0, 0, 0), (1, 0, 1, 0)])
 def test_auto_eigh_route_every_flag_pattern(n, dtype, flags):

@@ -224,9 +224,8 @@ def orthonormalize(
     if flags is not None and parallel != "layers":
       # "auto" takes the parts themselves: its usual CPU route never stacks
       # the matrices, only their small Gram matrices.
-      qs, flags = map(list, zip(*[
-          polar_lib.auto_polar_parts(p, f, eps) for p, f in zip(parts, flags)
-      ])) if parts else ([], [])
+      qs, flags = map(list, zip(*polar_lib.auto_polar_groups(
+          parts, flags, eps))) if parts else ([], [])
     else:
       stacks = [jnp.concatenate(p) if len(p) > 1 else p[0] for p in parts]
       if parallel == "layers":

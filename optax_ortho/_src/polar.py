@@ -15,9 +15,10 @@ Matrix products, which do not go through LAPACK, stay batched everywhere.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable
-import itertools
 from itertools import chain
 from itertools import islice
 from itertools import repeat
@@ -203,18 +204,6 @@ def _gram(a: jax.Array) -> jax.Array:
   return jnp.matmul(_mT(a), a, precision=_HIGHEST)
 
 
-def _gram_cpu(a: jax.Array) -> jax.Array:
-  """a^T a on CPU, from a transposed copy of `a`.
-
-  XLA folds a transpose into the product's dimension numbers, and XLA:CPU
-  then runs a product that contracts the rows of both operands through
-  Eigen; with the copy made (the barrier keeps it) the product is an
-  ordinary one, which XNNPACK runs: 145 against 217 us for one 576x64
-  matrix, the copy (17 us) included, measured on 2 cores.
-  """
-  return jnp.matmul(jax.lax.optimization_barrier(_mT(a)), a, precision=_HIGHEST)
-
-
 def _gram_factor(g: jax.Array) -> tuple[jax.Array, jax.Array]:
   """P with a @ P the polar factor of a, from G = a^T a, and whether it converged.
 
@@ -259,44 +248,62 @@ def _gram_iterate(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 _LEAN_RANGE = (2.0**-60, 2.0**120)
 
 
-def _auto_cpu_lean(parts: list[jax.Array], use_gram: jax.Array, eps: float):
-  """`"auto"` on CPU for float32 (b_i, m, n) parts of a stack, n <= `_ITER_MAX_N`.
+def _auto_cpu_lean(groups: list[list[jax.Array]], flags: list[jax.Array],
+                   eps: list[float]):
+  """`"auto"` on CPU for groups of float32 (b_i, m_g, n) parts, one n <=
+  `_ITER_MAX_N` for all: group g is the stack `concatenate(groups[g])`.
 
   The usual step (every flag set, every matrix finite and of moderate scale,
   every check passed) reads each part only in its Gram matrices G = a^T a and
-  writes it only in a @ P: the parts are never stacked (the n x n Gram
-  matrices are), the finiteness guard and the scaling that a LAPACK call
-  needs are read off G (an Inf or NaN in `a` puts one on G's diagonal; so
-  does an overflow), and the SVD fallback sits behind a `cond`. Measured on
-  ResNet-20's gradients (2 cores): stacking the kernels and unstacking the
-  factors took 0.4 ms of a 1.2 ms tree, and the max-abs, zeroing and scaling
-  passes over a 5 x 576x64 stack a third of its step. Any other stack, and a
-  step whose check fails, takes the general route (`_auto_guarded`) on the
-  stacked parts.
+  writes it only in a @ P: the parts are never stacked, only their n x n Gram
+  matrices, across every group of this width, so one iteration serves them
+  all; the finiteness guard and the scaling that a LAPACK call needs are
+  read off G (an Inf or NaN in `a` puts one on G's diagonal; so does an
+  overflow). Measured on ResNet-20's gradients (2 cores): stacking the
+  kernels and unstacking the factors took 0.4 ms of a 1.2 ms tree, the
+  max-abs, zeroing and scaling passes over a 5 x 576x64 stack a third of its
+  step, and each shape group's iteration and `cond` cost more in per-op
+  overhead than in arithmetic. One `cond` guards the whole width; when it
+  fails, each group whose own matrices all passed still takes this route,
+  and the others take the general one (`_auto_guarded`).
   """
+  parts = [x for grp in groups for x in grp]
   sizes = [x.shape[0] for x in parts]
-  grams = [_gram_cpu(x) for x in parts]
+  grams = [_gram(x) for x in parts]
   g = jnp.concatenate(grams) if len(grams) > 1 else grams[0]
   d = jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1)
   lo, hi = _LEAN_RANGE
-  clean = jnp.all(use_gram & (d >= lo) & (d <= hi))  # False on NaN
+  clean = jnp.concatenate(flags) & (d >= lo) & (d <= hi)  # False on NaN
+  # The iteration runs whatever `clean` says (products only: no input can
+  # hang it), so that one `cond` guards the route.
+  scale = jnp.where(clean, d, jnp.ones((), d.dtype))[:, None, None]
+  p, ok = _gram_factor(g / scale)
+  ok = clean & ok
+  p = split_stack(p * jax.lax.rsqrt(scale), sizes)
+  counts = [sum(x.shape[0] for x in grp) for grp in groups]
+  oks = split_stack(ok, counts)
+  first = list(itertools.accumulate([0] + [len(grp) for grp in groups]))
 
-  def general(parts):
-    a = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    q, ok = _auto_guarded(_auto_cpu, a, use_gram, eps)
-    return split_stack(q, sizes), ok
+  def lean(i, grp):
+    return [_mm(x, y) for x, y in zip(grp, p[first[i]:first[i + 1]])], oks[i]
 
-  def lean(parts):
-    d_safe = jnp.where(clean, d, jnp.ones((), d.dtype))[:, None, None]
-    p, ok = _gram_factor(g / d_safe)
-    p = split_stack(p * jax.lax.rsqrt(d_safe), sizes)
+  def general(i, grp):
+    a = jnp.concatenate(grp) if len(grp) > 1 else grp[0]
+    q, f = _auto_guarded(_auto_cpu, a, flags[i], eps[i])
+    return split_stack(q, [x.shape[0] for x in grp]), f
 
-    def done(parts):
-      return [_mm(x, y) for x, y in zip(parts, p)], ok
+  def all_lean(groups):
+    return [lean(i, grp) for i, grp in enumerate(groups)]
 
-    return jax.lax.cond(jnp.all(ok), done, general, parts)
+  def each(groups):
+    return [jax.lax.cond(jnp.all(oks[i]), functools.partial(lean, i),
+                         functools.partial(general, i), grp)
+            for i, grp in enumerate(groups)]
 
-  return jax.lax.cond(clean, lean, general, parts)
+  if len(groups) == 1:
+    return [jax.lax.cond(jnp.all(ok), functools.partial(lean, 0),
+                         functools.partial(general, 0), groups[0])]
+  return jax.lax.cond(jnp.all(ok), all_lean, each, groups)
 
 
 def split_stack(x: jax.Array, sizes: list[int]) -> list[jax.Array]:
@@ -418,31 +425,70 @@ def auto_polar_stack(
 def auto_polar_parts(
     parts: list[jax.Array], use_gram: jax.Array, eps: float | None = None
 ) -> tuple[list[jax.Array], jax.Array]:
-  """`auto_polar_stack` of the stack `concatenate(parts)`, one result per part.
+  """`auto_polar_stack` of the stack `concatenate(parts)`, one result per
+  part (each (b_i, m, n), non-empty, one dtype)."""
+  (q, ok), = auto_polar_groups([parts], [use_gram], eps)
+  return q, ok
 
-  The parts (each (b_i, m, n), non-empty, one dtype) are not stacked where
-  the route does not need it: on CPU, float32 matrices of at most
-  `_ITER_MAX_N` columns multiply each part by its own factor
-  (`_auto_cpu_lean`).
+
+def auto_polar_groups(
+    groups: list[list[jax.Array]], flags: list[jax.Array],
+    eps: float | None = None,
+) -> list[tuple[list[jax.Array], jax.Array]]:
+  """`auto_polar_parts` of every group (a list of same-shaped parts) with its
+  flags, as (factors per part, new flags) per group.
+
+  The parts are not stacked where the route does not need it: on CPU the
+  float32 groups of each width n <= `_ITER_MAX_N` share one iteration and
+  multiply each part by its own factor (`_auto_cpu_lean`).
   """
+  out: list = [None] * len(groups)
+  widths: dict[int, list[int]] = {}
+  for i, parts in enumerate(groups):
+    n = parts[0].shape[-1]
+    if n <= _ITER_MAX_N and parts[0].dtype == jnp.float32:
+      widths.setdefault(n, []).append(i)
+    else:
+      out[i] = _auto_stacked(parts, flags[i], eps)
+  for idx in widths.values():
+    sub = [groups[i] for i in idx]
+    sub_flags = [flags[i] for i in idx]
+    sub_eps = [default_eps(*groups[i][0].shape[-2:]) if eps is None else eps
+               for i in idx]
+
+    def default(sub, sub_flags, sub_eps=sub_eps):
+      return [_auto_stacked(p, f, e, _auto_batched)
+              for p, f, e in zip(sub, sub_flags, sub_eps)]
+
+    res = jax.lax.platform_dependent(
+        sub, sub_flags,
+        cpu=lambda sub, sub_flags, sub_eps=sub_eps: _auto_cpu_lean(
+            sub, sub_flags, sub_eps),
+        default=default)
+    for i, r in zip(idx, res):
+      out[i] = r
+  return out
+
+
+def _auto_stacked(parts: list[jax.Array], use_gram: jax.Array,
+                  eps: float | None, route: Callable | None = None):
+  """The general route on the stacked parts: `route` (default: per platform,
+  `_auto_cpu` on CPU, `_auto_batched` elsewhere)."""
   m, n = parts[0].shape[-2:]
   eps = default_eps(m, n) if eps is None else eps
   sizes = [x.shape[0] for x in parts]
 
-  def stacked(route):
-    def run(parts, f):
+  def run(route):
+    def go(parts, f):
       a = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
       q, ok = _auto_guarded(route, a, f, eps)
       return split_stack(q, sizes), ok
-    return run
+    return go
 
-  if n <= _ITER_MAX_N and parts[0].dtype == jnp.float32:
-    def cpu(parts, f):
-      return _auto_cpu_lean(parts, f, eps)
-  else:
-    cpu = stacked(_auto_cpu)
+  if route is not None:
+    return run(route)(parts, use_gram)
   return jax.lax.platform_dependent(
-      parts, use_gram, cpu=cpu, default=stacked(_auto_batched))
+      parts, use_gram, cpu=run(_auto_cpu), default=run(_auto_batched))
 
 
 def _auto_polar(a: jax.Array, eps: float) -> jax.Array:
