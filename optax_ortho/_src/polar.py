@@ -143,6 +143,12 @@ def _svd_route(m: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
   return q, (s[-1] * _GRAM_MAX_COND >= s[0]) & (s[0] > 0)
 
 
+def _svd_routes(a: jax.Array, use_gram: jax.Array, eps: float):
+  """`_svd_route` of every matrix of the stack (CPU: unbatched calls)."""
+  del use_gram
+  return checks.lapack_map(lambda m: _svd_route(m, eps), a)
+
+
 # Gram-space iteration of `"auto"` on CPU: the optimal odd quintics for
 # singular values in [0.05, 1] (each step's minimax fit on the interval the
 # previous step left, as in Amsel et al. 2025, without their safety factor:
@@ -265,45 +271,61 @@ def _auto_cpu_lean(groups: list[list[jax.Array]], flags: list[jax.Array],
   step, and each shape group's iteration and `cond` cost more in per-op
   overhead than in arithmetic. One `cond` guards the whole width; when it
   fails, each group whose own matrices all passed still takes this route,
-  and the others take the general one (`_auto_guarded`).
+  and the others take the general one (`_auto_guarded`). A width whose flags
+  are all off goes straight to the SVD.
   """
-  parts = [x for grp in groups for x in grp]
-  sizes = [x.shape[0] for x in parts]
-  grams = [_gram(x) for x in parts]
-  g = jnp.concatenate(grams) if len(grams) > 1 else grams[0]
-  d = jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1)
-  lo, hi = _LEAN_RANGE
-  clean = jnp.concatenate(flags) & (d >= lo) & (d <= hi)  # False on NaN
-  # The iteration runs whatever `clean` says (products only: no input can
-  # hang it), so that one `cond` guards the route.
-  scale = jnp.where(clean, d, jnp.ones((), d.dtype))[:, None, None]
-  p, ok = _gram_factor(g / scale)
-  ok = clean & ok
-  p = split_stack(p * jax.lax.rsqrt(scale), sizes)
   counts = [sum(x.shape[0] for x in grp) for grp in groups]
-  oks = split_stack(ok, counts)
   first = list(itertools.accumulate([0] + [len(grp) for grp in groups]))
-
-  def lean(i, grp):
-    return [_mm(x, y) for x, y in zip(grp, p[first[i]:first[i + 1]])], oks[i]
 
   def general(i, grp):
     a = jnp.concatenate(grp) if len(grp) > 1 else grp[0]
     q, f = _auto_guarded(_auto_cpu, a, flags[i], eps[i])
     return split_stack(q, [x.shape[0] for x in grp]), f
 
-  def all_lean(groups):
-    return [lean(i, grp) for i, grp in enumerate(groups)]
+  def iterate(groups):
+    parts = [x for grp in groups for x in grp]
+    grams = [_gram(x) for x in parts]
+    g = jnp.concatenate(grams) if len(grams) > 1 else grams[0]
+    d = jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1)
+    lo, hi = _LEAN_RANGE
+    clean = jnp.concatenate(flags) & (d >= lo) & (d <= hi)  # False on NaN
+    # The iteration runs whatever `clean` says (products only: no input can
+    # hang it), so that one `cond` decides the route.
+    scale = jnp.where(clean, d, jnp.ones((), d.dtype))[:, None, None]
+    p, ok = _gram_factor(g / scale)
+    ok = clean & ok
+    p = split_stack(p * jax.lax.rsqrt(scale), [x.shape[0] for x in parts])
+    oks = split_stack(ok, counts)
 
-  def each(groups):
-    return [jax.lax.cond(jnp.all(oks[i]), functools.partial(lean, i),
-                         functools.partial(general, i), grp)
-            for i, grp in enumerate(groups)]
+    def lean(i, grp):
+      return [_mm(x, y) for x, y in zip(grp, p[first[i]:first[i + 1]])], oks[i]
 
-  if len(groups) == 1:
-    return [jax.lax.cond(jnp.all(ok), functools.partial(lean, 0),
-                         functools.partial(general, 0), groups[0])]
-  return jax.lax.cond(jnp.all(ok), all_lean, each, groups)
+    def all_lean(groups):
+      return [lean(i, grp) for i, grp in enumerate(groups)]
+
+    def each(groups):
+      return [jax.lax.cond(jnp.all(oks[i]), functools.partial(lean, i),
+                           functools.partial(general, i), grp)
+              for i, grp in enumerate(groups)]
+
+    if len(groups) == 1:
+      return [jax.lax.cond(jnp.all(ok), functools.partial(lean, 0),
+                           functools.partial(general, 0), groups[0])]
+    return jax.lax.cond(jnp.all(ok), all_lean, each, groups)
+
+  def svd_only(groups):
+    out = []
+    for i, grp in enumerate(groups):
+      a = jnp.concatenate(grp) if len(grp) > 1 else grp[0]
+      q, f = _auto_guarded(_svd_routes, a, flags[i], eps[i])
+      out.append((split_stack(q, [x.shape[0] for x in grp]), f))
+    return out
+
+  # A width whose flags are all off (low-rank or ill-conditioned layers)
+  # goes straight to the SVD, with no other `cond` in its way: each costs
+  # about as much as a small SVD on XLA:CPU.
+  return jax.lax.cond(jnp.any(jnp.concatenate(flags)), iterate, svd_only,
+                      groups)
 
 
 def split_stack(x: jax.Array, sizes: list[int]) -> list[jax.Array]:
