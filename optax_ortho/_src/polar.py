@@ -313,19 +313,24 @@ def _auto_cpu_lean(groups: list[list[jax.Array]], flags: list[jax.Array],
                            functools.partial(general, 0), groups[0])]
     return jax.lax.cond(jnp.all(ok), all_lean, each, groups)
 
-  def svd_only(groups):
-    out = []
-    for i, grp in enumerate(groups):
-      a = jnp.concatenate(grp) if len(grp) > 1 else grp[0]
-      q, f = _auto_guarded(_svd_routes, a, flags[i], eps[i])
-      out.append((split_stack(q, [x.shape[0] for x in grp]), f))
-    return out
-
   # A width whose flags are all off (low-rank or ill-conditioned layers)
   # goes straight to the SVD, with no other `cond` in its way: each costs
   # about as much as a small SVD on XLA:CPU.
-  return jax.lax.cond(jnp.any(jnp.concatenate(flags)), iterate, svd_only,
+  return jax.lax.cond(jnp.any(jnp.concatenate(flags)), iterate,
+                      functools.partial(_svd_groups, flags=flags, eps=eps),
                       groups)
+
+
+def _svd_groups(groups: list[list[jax.Array]], flags: list[jax.Array],
+                eps: list[float]):
+  """The SVD route (`_svd_route`) of every group, guarded, one unbatched
+  call per matrix."""
+  out = []
+  for grp, f, e in zip(groups, flags, eps):
+    a = jnp.concatenate(grp) if len(grp) > 1 else grp[0]
+    q, ok = _auto_guarded(_svd_routes, a, f, e)
+    out.append((split_stack(q, [x.shape[0] for x in grp]), ok))
+  return out
 
 
 def split_stack(x: jax.Array, sizes: list[int]) -> list[jax.Array]:
@@ -472,23 +477,37 @@ def auto_polar_groups(
       widths.setdefault(n, []).append(i)
     else:
       out[i] = _auto_stacked(parts, flags[i], eps)
-  for idx in widths.values():
-    sub = [groups[i] for i in idx]
-    sub_flags = [flags[i] for i in idx]
-    sub_eps = [default_eps(*groups[i][0].shape[-2:]) if eps is None else eps
-               for i in idx]
+  if not widths:
+    return out
+  sets = list(widths.values())
+  sub = [[groups[i] for i in idx] for idx in sets]
+  sub_flags = [[flags[i] for i in idx] for idx in sets]
+  sub_eps = [[default_eps(*groups[i][0].shape[-2:]) if eps is None else eps
+              for i in idx] for idx in sets]
 
-    def default(sub, sub_flags, sub_eps=sub_eps):
-      return [_auto_stacked(p, f, e, _auto_batched)
-              for p, f, e in zip(sub, sub_flags, sub_eps)]
+  def cpu(sub, sub_flags):
+    def lean(sub):
+      return [_auto_cpu_lean(g, f, e) for g, f, e in zip(sub, sub_flags, sub_eps)]
 
-    res = jax.lax.platform_dependent(
-        sub, sub_flags,
-        cpu=lambda sub, sub_flags, sub_eps=sub_eps: _auto_cpu_lean(
-            sub, sub_flags, sub_eps),
-        default=default)
-    for i, r in zip(idx, res):
-      out[i] = r
+    def svd(sub):
+      return [_svd_groups(g, f, e) for g, f, e in zip(sub, sub_flags, sub_eps)]
+
+    if len(sub) == 1:
+      return lean(sub)
+    # One `cond` for every width: a tree whose narrow layers all take the
+    # SVD (the main job's CNN) pays one, not one per width.
+    any_flag = jnp.any(jnp.concatenate([f for fs in sub_flags for f in fs]))
+    return jax.lax.cond(any_flag, lean, svd, sub)
+
+  def default(sub, sub_flags):
+    return [[_auto_stacked(p, f, e, _auto_batched)
+             for p, f, e in zip(g, fs, es)]
+            for g, fs, es in zip(sub, sub_flags, sub_eps)]
+
+  res = jax.lax.platform_dependent(sub, sub_flags, cpu=cpu, default=default)
+  for idx, r in zip(sets, res):
+    for i, ri in zip(idx, r):
+      out[i] = ri
   return out
 
 
