@@ -10,7 +10,9 @@ TPU each stack of same-shaped matrices goes to ONE batched solver call
 (cuSOLVER's batched kernels; TPU's batched HLO), with no loop around it. The
 branch is resolved when the program is lowered for its platform, so the CPU
 program never contains the batched call.
-Matrix products, which do not go through LAPACK, stay batched everywhere.
+Matrix products, which do not go through LAPACK, stay batched everywhere, but
+for `"auto"`'s CPU route of narrow matrices, which multiplies each leaf where
+it lies and stacks only the small Gram matrices (`_auto_cpu_lean`).
 """
 
 from __future__ import annotations
