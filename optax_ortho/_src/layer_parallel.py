@@ -80,6 +80,15 @@ def _free_axes(mesh: Mesh) -> tuple[str, ...]:
   )
 
 
+def spread_devices(leaves: Sequence[jax.Array], mesh: Mesh | None) -> int:
+  """How many devices `polar_groups` spreads these matrices over; 1 means
+  the replicated computation."""
+  mesh = _mesh_of(leaves, mesh)
+  if mesh is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in _free_axes(mesh))
+
+
 def _constrain(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
   if any(kind == AxisType.Explicit for kind in mesh.axis_types):
     return jax.sharding.reshard(x, NamedSharding(mesh, spec))
@@ -165,9 +174,9 @@ def polar_groups(
 
   tmap = jax.tree.map
 
+  devices = spread_devices(stacks, mesh)
   mesh = _mesh_of(stacks, mesh)
   axes = () if mesh is None else _free_axes(mesh)
-  devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in axes)
   if flags is not None:
     stacks = [(a, f.astype(jnp.int32))  # type: ignore[misc]
               for a, f in zip(stacks, flags)]

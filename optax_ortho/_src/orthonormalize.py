@@ -221,9 +221,12 @@ def orthonormalize(
     if stateful:
       flags = _split_flags(state.use_gram,
                            [sum(x.shape[0] for x in p) for p in parts])
-    if flags is not None and parallel != "layers":
+    spread = parallel == "layers" and layer_parallel.spread_devices(
+        [x for p in parts for x in p], mesh) > 1
+    if flags is not None and not spread:
       # "auto" takes the parts themselves: its usual CPU route never stacks
-      # the matrices, only their small Gram matrices.
+      # the matrices, only their small Gram matrices. ("layers" on one
+      # device is this replicated computation, exactly.)
       qs, flags = map(list, zip(*polar_lib.auto_polar_groups(
           parts, flags, eps))) if parts else ([], [])
     else:
