@@ -230,7 +230,7 @@ def orthonormalize(
       qs, flags = map(list, zip(*polar_lib.auto_polar_groups(
           parts, flags, eps))) if parts else ([], [])
     else:
-      stacks = [jnp.concatenate(p) if len(p) > 1 else p[0] for p in parts]
+      stacks = [polar_lib.stack_parts(p) for p in parts]
       if parallel == "layers":
         qs, flags = layer_parallel.polar_groups(
             stacks, method, eps=eps, ns_steps=ns_steps, mesh=mesh, flags=flags)

@@ -280,14 +280,14 @@ def _auto_cpu_lean(groups: list[list[jax.Array]], flags: list[jax.Array],
   first = list(itertools.accumulate([0] + [len(grp) for grp in groups]))
 
   def general(i, grp):
-    a = jnp.concatenate(grp) if len(grp) > 1 else grp[0]
+    a = stack_parts(grp)
     q, f = _auto_guarded(_auto_cpu, a, flags[i], eps[i])
     return split_stack(q, [x.shape[0] for x in grp]), f
 
   def iterate(groups):
     parts = [x for grp in groups for x in grp]
     grams = [_gram(x) for x in parts]
-    g = jnp.concatenate(grams) if len(grams) > 1 else grams[0]
+    g = stack_parts(grams)
     d = jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1)
     lo, hi = _LEAN_RANGE
     clean = jnp.concatenate(flags) & (d >= lo) & (d <= hi)  # False on NaN
@@ -329,10 +329,15 @@ def _svd_groups(groups: list[list[jax.Array]], flags: list[jax.Array],
   call per matrix."""
   out = []
   for grp, f, e in zip(groups, flags, eps):
-    a = jnp.concatenate(grp) if len(grp) > 1 else grp[0]
+    a = stack_parts(grp)
     q, ok = _auto_guarded(_svd_routes, a, f, e)
     out.append((split_stack(q, [x.shape[0] for x in grp]), ok))
   return out
+
+
+def stack_parts(parts: list[jax.Array]) -> jax.Array:
+  """The parts (b_i, ...) as one stack: `split_stack`'s inverse."""
+  return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def split_stack(x: jax.Array, sizes: list[int]) -> list[jax.Array]:
@@ -523,7 +528,7 @@ def _auto_stacked(parts: list[jax.Array], use_gram: jax.Array,
 
   def run(route):
     def go(parts, f):
-      a = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+      a = stack_parts(parts)
       q, ok = _auto_guarded(route, a, f, eps)
       return split_stack(q, sizes), ok
     return go
