@@ -227,3 +227,16 @@ def test_linen_opt_training_step_exports_for_cuda():
       step, params, opt_state, jax.ShapeDtypeStruct((2, 5), jnp.float32),
       platform="cuda"))
   assert in_loop == 0, dict(calls)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_cayley_dense_blocked_inverse_exports(platform):
+  # Width 130 > the 64-wide leaves, batch 16 >= 130 / 16: the Cayley solve
+  # takes the blocked-inverse route (cayley_solve), whose leaves must lower
+  # on accelerators too, and without a loop on GPUs.
+  step, args = _linen_step(ortho_linen.OrthogonalDense(130), (16, 130))
+  calls, whiles, in_loop = structure(program(step, *args, platform=platform))
+  if platform in GPUS:
+    assert whiles == 0 and in_loop == 0, dict(calls)
+    assert sum(n for c, n in calls.items() if "getrf" in c) >= 2, dict(calls)

@@ -34,6 +34,7 @@ from typing import cast
 import jax
 import jax.numpy as jnp
 
+from optax_ortho._src import cayley_solve
 from optax_ortho._src import checks
 from optax_ortho._src import orthogonal_map as omap
 
@@ -126,15 +127,14 @@ def _cayley_times(r: jax.Array, v: jax.Array) -> jax.Array:
   """Q(R) V for the Cayley map without forming Q.
 
   Q = (I - S)^{-1}(I + S) = 2 (I - S)^{-1} - I, so Q V = 2 (I - S)^{-1} V - V:
-  one LU and triangular solves with V's `out` columns instead of n, and no
-  n x n x out product (for a 3x3x64 -> 64 conv, about 4x less work than
-  forming Q and multiplying).
+  one solve with V's `out` columns (`cayley_solve.solve`) and no n x n x out
+  product for Q itself.
   """
   r = r.astype(jnp.promote_types(r.dtype, jnp.float32))
   upper = jnp.triu(r)
-  # A non-finite R must not reach the LU: zeroed there, NaN out.
+  # A non-finite R must not reach LAPACK: zeroed there, NaN out.
   a, ok = checks.lapack_input((upper - upper.T)[None])
-  z = jnp.linalg.solve(jnp.eye(a.shape[-1], dtype=a.dtype) - a[0], v)
+  z = cayley_solve.solve(a[0], v)
   return checks.poison(2.0 * z - v, ok)
 
 
@@ -178,17 +178,15 @@ def sopt_advance(r, method, v, idx, r0, step, key, episode_length: int):
 
 def _rotate_rows(x: jax.Array, r: jax.Array, method: str | None) -> jax.Array:
   """x @ Q(R) for a (batch, d) x. For Cayley, Q is never formed: with the
-  skew S = triu(R) - triu(R)^T, x Q = 2 x (I - S)^{-1} - x
-  = 2 [(I + S)^{-1} x^T]^T - x, one LU and triangular solves with `batch`
-  right-hand sides instead of d."""
+  skew S = triu(R) - triu(R)^T, x Q = 2 x (I - S)^{-1} - x, one solve with
+  `batch` right-hand sides (`cayley_solve.solve`)."""
   if method != "cayley":
     return jnp.matmul(x, rotation(r, method).astype(x.dtype))
   r = r.astype(jnp.promote_types(r.dtype, jnp.float32))
   upper = jnp.triu(r)
-  # A non-finite R must not reach the LU: zeroed there, NaN out.
+  # A non-finite R must not reach LAPACK: zeroed there, NaN out.
   a, ok = checks.lapack_input((upper - upper.T)[None])
-  z = jnp.linalg.solve(jnp.eye(a.shape[-1], dtype=a.dtype) + a[0],
-                       x.astype(a.dtype).T).T
+  z = cayley_solve.solve(a[0], x.astype(a.dtype), rows=True)
   return checks.poison(2.0 * z - x, ok).astype(x.dtype)
 
 

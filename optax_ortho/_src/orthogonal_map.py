@@ -17,6 +17,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from optax_ortho._src import cayley_solve
 from optax_ortho._src import checks
 
 OrthogonalMapMethod = Literal["cayley", "gram_schmidt", "householder", "lowdin"]
@@ -38,12 +39,11 @@ def _cayley(r: jax.Array) -> jax.Array:
   # strict upper triangle of R matters (the diagonal cancels) and dR is
   # G_S - G_S^T there, zero elsewhere. Q = (I + S)(I - S)^{-1} equals
   # (I - S)^{-1}(I + S) (the factors commute); I - S has singular values >= 1,
-  # so the solve is always well conditioned.
+  # so the solve is always well conditioned (and needs no pivoting).
   n = r.shape[-1]
   upper = jnp.triu(r)
   s = upper - upper.T
-  eye = jnp.eye(n, dtype=r.dtype)
-  return jnp.linalg.solve(eye - s, eye + s)
+  return cayley_solve.solve(s, jnp.eye(n, dtype=r.dtype) + s)
 
 
 def _positive_qr(r: jax.Array) -> jax.Array:
