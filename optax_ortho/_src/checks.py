@@ -53,6 +53,27 @@ def hyperparam(
     raise ValueError(f"{name} must be {accepted}, got {value!r}.")
 
 
+def positive_int(value: Any, name: str, *, static_arg: bool = False) -> None:
+  """Raises unless `value` is a Python int >= 1 (a bool is not an int here).
+
+  Args:
+    value: the argument as the user gave it.
+    name: its argument name, for the message.
+    static_arg: whether the message should say how to pass it through
+      `optax.inject_hyperparams` (as a static argument): for arguments that
+      fix shapes or loop counts.
+  """
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+    return
+  hint = ""
+  if static_arg:
+    hint = (f" With optax.inject_hyperparams, pass it as a static argument:"
+            f" static_args=({name!r},).")
+  if isinstance(value, (jax.Array, jax.core.Tracer)):
+    raise TypeError(f"{name} must be a positive Python int, got an array {value!r}.{hint}")
+  raise ValueError(f"{name} must be a positive Python int, got {value!r}.{hint}")
+
+
 def boolean(value: Any, name: str) -> None:
   if not isinstance(value, bool):
     raise TypeError(f"{name} must be a bool (True or False), got {value!r}.")
