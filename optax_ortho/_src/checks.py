@@ -69,8 +69,6 @@ def positive_int(value: Any, name: str, *, static_arg: bool = False) -> None:
   if static_arg:
     hint = (f" With optax.inject_hyperparams, pass it as a static argument:"
             f" static_args=({name!r},).")
-  if isinstance(value, (jax.Array, jax.core.Tracer)):
-    raise TypeError(f"{name} must be a positive Python int, got an array {value!r}.{hint}")
   raise ValueError(f"{name} must be a positive Python int, got {value!r}.{hint}")
 
 
