@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 
-# One BLAS thread: OpenBLAS's own pool spins against XLA's (DESIGN.md).
+# One BLAS thread: OpenBLAS's own pool spins against XLA's threads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
@@ -52,13 +52,15 @@ from busy import busy_processes  # noqa: E402  (benchmarks/, the script's folder
 
 import optax_ortho  # noqa: E402
 from optax_ortho._src import stiefel  # noqa: E402
+from optax_ortho._src.stacks import mm  # noqa: E402
+from optax_ortho._src.stacks import mT  # noqa: E402
 
 LR = 0.05
 
 
 def _old_cayley_step(x, m, lr, clamp):
   """`_cayley_step` of commit 6a2aa30, verbatim but for names."""
-  mm, mt = stiefel._mm, stiefel._mT
+  mt = mT
   n, p = x.shape[-2:]
   xtm = mm(mt(x), m)
   pm = m - 0.5 * mm(x, xtm)
@@ -94,7 +96,7 @@ def _old_cayley_step(x, m, lr, clamp):
 def _ns_only(x, tol):
   del tol
   eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-  return stiefel._mm(x, 1.5 * eye - 0.5 * stiefel._mm(stiefel._mT(x), x))
+  return mm(x, 1.5 * eye - 0.5 * mm(mT(x), x))
 
 
 PATCHES = {

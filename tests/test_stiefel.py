@@ -60,7 +60,7 @@ def _ortho_error(x):
   return float(jnp.abs(x.T @ x - jnp.eye(x.shape[-1])).max())
 
 
-@pytest.mark.slow  # about 40 s on a loaded 2-core machine
+@pytest.mark.slow
 @settings(max_examples=6)
 @given(n=st.integers(1, 12), p_frac=st.floats(0.1, 1.0), seed=st.integers(0, 99))
 def test_iterates_stay_on_manifold(n, p_frac, seed):
@@ -74,7 +74,7 @@ def test_iterates_stay_on_manifold(n, p_frac, seed):
   assert _ortho_error(params["w"]) < 1e-5
 
 
-@pytest.mark.slow  # 3000 steps: about 25 s on a loaded 2-core machine
+@pytest.mark.slow  # 3000 steps
 def test_thousands_of_steps_stay_orthonormal():
   keys = jax.random.split(jax.random.key(0), 3)
   params = {"tall": _orthonormal(keys[0], 32, 8),
@@ -101,7 +101,7 @@ def test_random_init_is_projected_then_stays():
   assert _ortho_error(q + updates) < 1e-5
 
 
-@pytest.mark.slow  # about 100 s on a loaded 2-core machine
+@pytest.mark.slow
 @settings(max_examples=6)
 @given(n=st.integers(2, 8), extra=st.integers(0, 4), seed=st.integers(0, 99))
 def test_procrustes_reaches_optimum(n, extra, seed):
@@ -234,7 +234,7 @@ def test_default_step_has_no_lapack_call():
   assert "lapack_sgetrf_ffi" in _lapack_calls(tx.update, x, tx.init(x), x)
 
 
-@pytest.mark.slow  # about 20 s on a loaded 2-core machine (a compile per shape)
+@pytest.mark.slow  # a compile per shape
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 10), p_frac=st.floats(0.1, 1.0),
        log_scale=st.floats(-4.0, 4.0), lr=st.floats(1e-3, 2.0),

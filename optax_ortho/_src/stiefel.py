@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,8 +13,11 @@ import optax
 
 from optax_ortho._src import checks
 from optax_ortho._src import matrix_view as mv
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from optax_ortho._src.stacks import group_matrices
+from optax_ortho._src.stacks import mm
+from optax_ortho._src.stacks import mT
+from optax_ortho._src.stacks import split_stack
+from optax_ortho._src.stacks import stack_parts
 
 
 class StiefelSGDState(NamedTuple):
@@ -29,14 +31,6 @@ class StiefelSGDState(NamedTuple):
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
   momentum: Any
-
-
-def _mT(x):
-  return jnp.swapaxes(x, -1, -2)
-
-
-def _mm(a, b):
-  return jnp.matmul(a, b, precision=_HIGHEST)
 
 
 def default_mask(params: Any) -> Any:
@@ -80,7 +74,7 @@ def _full_polar(x: jax.Array) -> jax.Array:
   """
   def one(a):
     u, _, vt = jnp.linalg.svd(a, full_matrices=False)
-    return _mm(u, vt)
+    return mm(u, vt)
   return checks.per_matrix(one, x)
 
 
@@ -95,12 +89,12 @@ def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
   """
   p = x.shape[-1]
   eye = jnp.eye(p, dtype=x.dtype)
-  gram = _mm(_mT(x), x)
+  gram = mm(mT(x), x)
   off = jnp.max(jnp.abs(gram - eye))
   return jax.lax.cond(
       off > tol,
       lambda: _full_polar(x),
-      lambda: _mm(x, 1.5 * eye - 0.5 * gram),
+      lambda: mm(x, 1.5 * eye - 0.5 * gram),
   )
 
 
@@ -135,46 +129,136 @@ def _series_solve(y: jax.Array, b: jax.Array, beta: jax.Array,
   """
   eye = jnp.eye(y.shape[-1], dtype=y.dtype)
   c = (2.0 / (2.0 + beta))[:, None, None]
-  z = (1.0 - c) * eye + c * _mm(y, y)
-  r0 = b - (_mm(y, b) if yb is None else yb)
-  r = r0 + _mm(z, r0)
+  z = (1.0 - c) * eye + c * mm(y, y)
+  r0 = b - (mm(y, b) if yb is None else yb)
+  r = r0 + mm(z, r0)
   rho = jnp.max(beta / (2.0 + beta))
   err = rho * rho
   tol = float(jnp.finfo(y.dtype).eps) / 8
   # rho <= 1/17 bounds the number of terms; a cond per term (not a while
   # loop) keeps the step reverse-differentiable.
   for _ in range(math.ceil(math.log(tol) / math.log(_RHO_MAX)) - 2):
-    r = jax.lax.cond(err > tol, lambda r: r0 + _mm(z, r), lambda r: r, r)
+    r = jax.lax.cond(err > tol, lambda r: r0 + mm(z, r), lambda r: r, r)
     err = err * rho
   return c * r
 
 
 def _lu_solve(y: jax.Array, b: jax.Array) -> jax.Array:
-  """(I + Y)^{-1} B by LU, per matrix on CPU (DESIGN.md: no batched LAPACK)."""
+  """(I + Y)^{-1} B by LU: one unbatched call per matrix on CPU (`checks.per_matrix`)."""
   eye = jnp.eye(y.shape[-1], dtype=y.dtype)
   return checks.per_matrix(
       lambda args: jnp.linalg.solve(eye + args[0], args[1]), (y, b))
 
 
+def _half_step(lr: jax.Array, w_sq: jax.Array, clamp: bool
+               ) -> tuple[jax.Array, jax.Array]:
+  """h = a / 2 and the bound beta >= |hW|_2^2 of each matrix's step.
+
+  a = min(lr, 1 / (|W|_F + 1e-8)) with the clamp (Li et al.'s, and the OPT
+  authors'), else lr; `w_sq` is |W|_F^2 per matrix. The eigenvalues of a skew
+  W come in pairs, so |hW|_2^2 <= h^2 |W|_F^2 / 2.
+  """
+  a = jnp.broadcast_to(lr, w_sq.shape).astype(w_sq.dtype)
+  w_norm = jnp.sqrt(jnp.maximum(w_sq, 0.0))
+  if clamp:
+    a = jnp.minimum(a, 1.0 / (w_norm + 1e-8))
+  h = 0.5 * a
+  return h, 0.5 * jnp.square(h * w_norm)
+
+
+def _solve(y: jax.Array, b: jax.Array, beta: jax.Array, clamp: bool, solver: str,
+           yb: jax.Array | None = None) -> jax.Array:
+  """(I + Y)^{-1} B by the series where it is exact (always under the clamp),
+  else by LU; `solver="lu"` forces LU, `"series"` the series."""
+  if solver == "lu":
+    return _lu_solve(y, b)
+  if solver == "series" or clamp:
+    return _series_solve(y, b, beta, yb)
+  # 1/8 (a|W|_F <= 1) with a margin for the rounding of |W|_F.
+  return jax.lax.cond(jnp.all(beta <= 0.125 * (1 + 1e-4)),
+                      lambda: _series_solve(y, b, beta, yb),
+                      lambda: _lu_solve(y, b))
+
+
+def _square_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool,
+                 solver: str) -> tuple[jax.Array, jax.Array]:
+  """The Cayley step of square (orthogonal) matrices, in their own frame.
+
+  W = X Omega X^T with Omega = skew(X^T M), so |W|_F = |Omega|_F, the tangent
+  is X Omega and the step X (I + h Omega)^{-1} (I - h Omega)
+  = 2 X (I + h Omega)^{-1} - X: three n x n products fewer than with W.
+  """
+  xtm = mm(mT(x), m)
+  omega = 0.5 * (xtm - mT(xtm))
+  tangent = mm(x, omega)
+  h, beta = _half_step(lr, jnp.sum(omega * omega, axis=(-2, -1)), clamp)
+  hb = h[:, None, None]
+  # X (I + h Omega)^{-1} = ((I - h Omega)^{-1} X^T)^T; -h Omega X^T = h T^T.
+  sol = _solve(-hb * omega, mT(x), beta, clamp, solver, yb=hb * mT(tangent))
+  return 2.0 * mT(sol) - x, tangent
+
+
+def _tangent_parts(x: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The tangent momentum M - X sym(X^T M), and P with W = P X^T - X P^T.
+
+  P is M - X (X^T M + sym(X^T M)) / 2 rather than Li et al.'s
+  M - X (X^T M) / 2: the same W for any X (it only drops X sym X^T, a
+  symmetric term) but no symmetric part in X^T P, so |P|_F <= |W|_F / sqrt(2)
+  on the manifold and |W|_F^2 has no cancellation.
+  """
+  xtm = mm(mT(x), m)
+  sym = 0.5 * (xtm + mT(xtm))
+  return m - mm(x, sym), m - mm(x, 0.5 * (xtm + sym))
+
+
+def _direct_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool,
+                 solver: str) -> tuple[jax.Array, jax.Array]:
+  """The Cayley step (I + hW)^{-1} (I - hW) X = 2 (I + hW)^{-1} X - X of an
+  (n, p) stack with n <= 2p, through the n x n skew W."""
+  tangent, pm = _tangent_parts(x, m)
+  pxt = mm(pm, mT(x))
+  w = pxt - mT(pxt)
+  h, beta = _half_step(lr, jnp.sum(w * w, axis=(-2, -1)), clamp)
+  sol = _solve(h[:, None, None] * w, x, beta, clamp, solver)
+  return 2.0 * sol - x, tangent
+
+
+def _factored_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool,
+                   solver: str) -> tuple[jax.Array, jax.Array]:
+  """The Cayley step of an (n, p) stack with n > 2p, through a 2p x 2p system.
+
+  h W = U V^T with U = [hP, X], V = [X, -hP] (Wen & Yin 2013), so
+  (I + hW)^{-1} X = X - U (I + V^T U)^{-1} V^T X, and every block of V^T U and
+  V^T X is one of the p x p matrices X^T X, X^T P, P^T P.
+  """
+  p = x.shape[-1]
+  tangent, pm = _tangent_parts(x, m)
+  xtp = mm(mT(x), pm)
+  ptp = mm(mT(pm), pm)
+  gram = mm(mT(x), x)
+  # |U V^T|_F^2 = sum((U^T U) * (V^T V)) for U = [P, X], V = [X, -P].
+  w_sq = 2.0 * (jnp.sum(ptp * gram, axis=(-2, -1))
+                - jnp.sum(xtp * mT(xtp), axis=(-2, -1)))
+  h, beta = _half_step(lr, w_sq, clamp)
+  hb = h[:, None, None]
+  y = jnp.concatenate([
+      jnp.concatenate([hb * xtp, gram], axis=-1),
+      jnp.concatenate([-hb * hb * ptp, -hb * mT(xtp)], axis=-1)], axis=-2)
+  b = jnp.concatenate([gram, -hb * mT(xtp)], axis=-2)
+  sol = _solve(y, b, beta, clamp, solver)
+  return x - 2.0 * (mm(hb * pm, sol[:, :p]) + mm(x, sol[:, p:])), tangent
+
+
 def _cayley_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool,
-                 solver: str = "auto"):
+                 solver: str = "auto") -> tuple[jax.Array, jax.Array]:
   """One Cayley SGD step (Li et al. 2020, Alg. 2) on a (k, n, p) stack.
 
-  With P = M - X (X^T M) / 2 the skew matrix is W = P X^T - X P^T, the tangent
-  momentum W X = M - X sym(X^T M), and the new iterate the exact Cayley
-  transform (I + a/2 W)^{-1} (I - a/2 W) X, which keeps X^T X exactly, with
-  a = min(lr, 1 / (|W|_F + 1e-8)) per matrix when `clamp` (Li et al.'s step
-  clamp, as in the OPT authors' OGD) and a = lr otherwise. Li et al.
-  approximate the transform with a fixed-point iteration; it is solved exactly
-  here: directly when n <= 2p, else through the rank-2p form
-  h W = U V^T, U = [hP, X], V = [X, -hP] (Wen & Yin 2013; h = a/2), with a
-  2p x 2p system. P is taken as M - X (X^T M + sym(X^T M)) / 2, which gives the
-  same W for any X (it only drops X sym X^T, a symmetric term) but no
-  symmetric part in X^T P: |P|_F <= |W|_F / sqrt(2) on the manifold, so U, V
-  stay well conditioned and |W|_F^2 has no cancellation. A square X
-  (orthogonal after `_onto_manifold`) has W = X Omega X^T with
-  Omega = skew(X^T M), so the step is X (I + h Omega)^{-1} (I - h Omega) and the
-  tangent X Omega: three n x n products fewer.
+  Returns the new iterate and the tangent momentum W X = M - X sym(X^T M),
+  where W = P X^T - X P^T is the skew matrix of the momentum M. The new
+  iterate is the exact Cayley transform (I + a/2 W)^{-1} (I - a/2 W) X, which
+  keeps X^T X, with the step a of `_half_step`. Li et al. approximate the
+  transform with a fixed-point iteration; it is solved exactly here, in one of
+  three forms by shape: square, n x n (n <= 2p), or rank-2p (n > 2p).
 
   The system is solved by `_series_solve` (matrix products only) whenever
   a |W|_F <= 1, where that is exact to float32 precision: always with the
@@ -182,67 +266,8 @@ def _cayley_step(x: jax.Array, m: jax.Array, lr: jax.Array, clamp: bool,
   otherwise by LU (`solver="lu"` forces it, `"series"` forbids it).
   """
   n, p = x.shape[-2:]
-  form = "square" if n == p else "direct" if n <= 2 * p else "factored"
-  xtm = _mm(_mT(x), m)
-  if form == "square":
-    omega = 0.5 * (xtm - _mT(xtm))
-    tangent = _mm(x, omega)
-    w_sq = jnp.sum(omega * omega, axis=(-2, -1))
-  else:
-    sym = 0.5 * (xtm + _mT(xtm))
-    tangent = m - _mm(x, sym)
-    pm = m - _mm(x, 0.5 * (xtm + sym))
-  if form == "direct":
-    pxt = _mm(pm, _mT(x))
-    w = pxt - _mT(pxt)
-    w_sq = jnp.sum(w * w, axis=(-2, -1))
-  elif form == "factored":
-    xtp = _mm(_mT(x), pm)
-    ptp = _mm(_mT(pm), pm)
-    gram = _mm(_mT(x), x)
-    # |U V^T|_F^2 = sum((U^T U) * (V^T V)) for U = [P, X], V = [X, -P].
-    w_sq = 2.0 * (jnp.sum(ptp * gram, axis=(-2, -1))
-                  - jnp.sum(xtp * _mT(xtp), axis=(-2, -1)))
-  a = jnp.broadcast_to(lr, x.shape[:1]).astype(x.dtype)
-  w_norm = jnp.sqrt(jnp.maximum(w_sq, 0.0))
-  if clamp:
-    a = jnp.minimum(a, 1.0 / (w_norm + 1e-8))
-  h = 0.5 * a
-  # |hW|_2^2 <= h^2 |W|_F^2 / 2 (the eigenvalues of a skew W come in pairs).
-  beta = 0.5 * jnp.square(h * w_norm)
-  hb = h[:, None, None]
-  yb = None
-  if form == "square":
-    # X (I + h Omega)^{-1} = ((I - h Omega)^{-1} X^T)^T; -h Omega X^T = h T^T.
-    y, b, yb = -hb * omega, _mT(x), hb * _mT(tangent)
-  elif form == "direct":
-    y, b = hb * w, x
-  else:
-    y = jnp.concatenate([
-        jnp.concatenate([hb * xtp, gram], axis=-1),
-        jnp.concatenate([-hb * hb * ptp, -hb * _mT(xtp)], axis=-1)], axis=-2)
-    b = jnp.concatenate([gram, -hb * _mT(xtp)], axis=-2)
-
-  def series():
-    return _series_solve(y, b, beta, yb)
-
-  def lu():
-    return _lu_solve(y, b)
-
-  if solver == "lu":
-    sol = lu()
-  elif solver == "series" or clamp:
-    sol = series()
-  else:
-    # 1/8 (a|W|_F <= 1) with a margin for the rounding of |W|_F.
-    sol = jax.lax.cond(jnp.all(beta <= 0.125 * (1 + 1e-4)), series, lu)
-  if form == "square":
-    new_x = 2.0 * _mT(sol) - x
-  elif form == "direct":
-    new_x = 2.0 * sol - x
-  else:
-    new_x = x - 2.0 * (_mm(hb * pm, sol[:, :p]) + _mm(x, sol[:, p:]))
-  return new_x, tangent
+  step = _square_step if n == p else _direct_step if n <= 2 * p else _factored_step
+  return step(x, m, lr, clamp, solver)
 
 
 def stiefel_sgd(
@@ -358,58 +383,70 @@ def stiefel_sgd(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError(
-          "stiefel_sgd needs the current parameters: call update(updates,"
-          " state, params).")
-    checks.float_leaves(updates, "updates")
-    checks.trees_match(params, updates, "params", "updates")
-    checks.trees_match(state.momentum, updates, "state.momentum", "updates")
-    selected = _resolve_mask(updates, mask)
+    _check_update_args(updates, state, params)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     grads, treedef = jax.tree.flatten(updates)
     xs = treedef.flatten_up_to(params)
     old_m = treedef.flatten_up_to(state.momentum)
     new_m = [momentum * m + g.astype(m.dtype) for m, g in zip(old_m, grads)]
-    out = [None] * len(grads)
-    groups: dict[tuple, list[int]] = collections.defaultdict(list)
-    views = {}
-    for i, (x, m, sel) in enumerate(zip(xs, new_m, selected)):
-      if not sel:
-        out[i] = (-lr * m).astype(grads[i].dtype)
-        continue
-      if x.size == 0:
-        out[i] = jnp.zeros_like(grads[i])
-        continue
-      views[i] = mv.matrix_view(x, mv.default_dimension_numbers(x))
-      groups[(views[i].rows, views[i].cols, m.dtype)].append(i)
-
-    for (_, _, compute), idx in groups.items():
-      def stack(leaves, idx=idx, compute=compute):
-        parts = [mv.to_stack(leaves[i], views[i], compute) for i in idx]
-        return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-
-      # Non-finite matrices are zeroed before any LAPACK call and come out NaN.
-      x0, ok_x = checks.lapack_input(stack(xs))
-      m0, ok_m = checks.lapack_input(stack(new_m))
-      ok = ok_x & ok_m
-      x = _onto_manifold(x0, projection_tol)
-      x_new, tangent = _cayley_step(x, m0, jnp.asarray(lr, compute), clamp_step)
-      delta = checks.poison(x_new - x0, ok)
-      tangent = checks.poison(tangent, ok)
-      start = 0
-      for i in idx:
-        k = views[i].batch
-        out[i] = mv.from_stack(delta[start:start + k], views[i], grads[i])
-        new_m[i] = mv.from_stack(tangent[start:start + k], views[i], old_m[i])
-        start += k
-
-    # A non-finite gradient must not poison later steps through the momentum.
-    new_m = [jnp.where(jnp.all(jnp.isfinite(n)), n, o)
-             for n, o in zip(new_m, old_m)]
+    out, new_m = _manifold_updates(
+        grads, xs, new_m, old_m, _resolve_mask(updates, mask), lr,
+        projection_tol, clamp_step)
     return jax.tree.unflatten(treedef, out), StiefelSGDState(
         count=optax.safe_increment(state.count),
-        momentum=jax.tree.unflatten(treedef, new_m),
+        momentum=jax.tree.unflatten(treedef, _finite_or_old(new_m, old_m)),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_update_args(updates: Any, state: StiefelSGDState, params: Any) -> None:
+  if params is None:
+    raise ValueError(
+        "stiefel_sgd needs the current parameters: call update(updates,"
+        " state, params).")
+  checks.float_leaves(updates, "updates")
+  checks.trees_match(params, updates, "params", "updates")
+  checks.trees_match(state.momentum, updates, "state.momentum", "updates")
+
+
+def _manifold_updates(
+    grads: list[jax.Array], xs: list[jax.Array], new_m: list[jax.Array],
+    old_m: list[jax.Array], selected: list[bool], lr: Any,
+    projection_tol: float, clamp: bool,
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Every leaf's update and new momentum: SGD for the leaves off the mask, a
+  Cayley step per stack of same-shaped selected matrices for the others."""
+  out = [(-lr * m).astype(g.dtype) if not sel else jnp.zeros_like(g)
+         for g, m, sel in zip(grads, new_m, selected)]
+  new_m = list(new_m)
+  dims = [mv.default_dimension_numbers(x) if sel else None
+          for x, sel in zip(xs, selected)]
+  groups, views = group_matrices(xs, dims)
+  for (_, _, compute), idx in groups.items():
+    x = stack_parts([mv.to_stack(xs[i], views[i], compute) for i in idx])
+    m = stack_parts([mv.to_stack(new_m[i], views[i], compute) for i in idx])
+    delta, tangent = _stack_step(x, m, jnp.asarray(lr, compute),
+                                 projection_tol, clamp)
+    sizes = [views[i].batch for i in idx]
+    for i, d, t in zip(idx, split_stack(delta, sizes), split_stack(tangent, sizes)):
+      out[i] = mv.from_stack(d, views[i], grads[i])
+      new_m[i] = mv.from_stack(t, views[i], old_m[i])
+  return out, new_m
+
+
+def _stack_step(x: jax.Array, m: jax.Array, lr: jax.Array, projection_tol: float,
+                clamp: bool) -> tuple[jax.Array, jax.Array]:
+  """The update and the tangent momentum of a (k, n, p) stack; NaN for every
+  matrix whose parameter or momentum is not finite (zeroed before any LAPACK
+  call)."""
+  x0, ok_x = checks.lapack_input(x)
+  m0, ok_m = checks.lapack_input(m)
+  ok = ok_x & ok_m
+  x_new, tangent = _cayley_step(_onto_manifold(x0, projection_tol), m0, lr, clamp)
+  return checks.poison(x_new - x0, ok), checks.poison(tangent, ok)
+
+
+def _finite_or_old(new_m: list[jax.Array], old_m: list[jax.Array]) -> list[jax.Array]:
+  """A non-finite gradient must not poison later steps through the momentum."""
+  return [jnp.where(jnp.all(jnp.isfinite(n)), n, o) for n, o in zip(new_m, old_m)]
