@@ -264,3 +264,66 @@ def test_series_solve_is_exact_in_float64(shape):
     assert out.dtype == jnp.float64
     np.testing.assert_allclose(out, _cayley_reference(x, m, 0.5, True),
                                atol=1e-13)
+
+
+def test_bfloat16_gradients_keep_float32_params_on_manifold():
+  """The update of a float32 parameter is float32 whatever the gradients'
+  dtype: a bfloat16 update would be rounded off the manifold at every step."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {"tall": _orthonormal(keys[0], 12, 4), "square": _orthonormal(keys[1], 6, 6),
+            "b": jnp.ones(4)}
+  target = jax.random.normal(keys[2], (12, 4))
+  def loss(w):
+    return (jnp.sum(jnp.sin(3.0 * w["tall"] - target)) + jnp.sum(jnp.cos(w["square"]))
+            + jnp.sum(w["b"] ** 2))
+  tx = optax_ortho.stiefel_sgd(0.05, 0.9)
+
+  def run(grad_dtype):
+    def step(_, carry):
+      p, state = carry
+      g = jax.tree.map(lambda x: x.astype(grad_dtype), jax.grad(loss)(p))
+      updates, state = tx.update(g, state, p)
+      return optax.apply_updates(p, updates), state
+    return jax.jit(lambda p: jax.lax.fori_loop(0, 50, step, (p, tx.init(p))))(params)[0]
+
+  out = run(jnp.bfloat16)
+  assert out["tall"].dtype == out["square"].dtype == jnp.float32
+  updates, _ = tx.update(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+                         tx.init(params), params)
+  assert updates["tall"].dtype == jnp.float32
+  assert updates["b"].dtype == jnp.bfloat16  # off the manifold: as optax.sgd
+  reference = run(jnp.float32)
+  for k in ("tall", "square"):
+    assert _ortho_error(out[k]) < 1e-6, (k, _ortho_error(out[k]))
+    assert _ortho_error(out[k]) < 4 * max(_ortho_error(reference[k]), 1e-7)
+
+
+def test_state_is_checked_against_the_gradients():
+  w = {"w": _orthonormal(jax.random.key(0), 8, 4)}
+  tx = optax_ortho.stiefel_sgd(0.1)
+  with pytest.raises(TypeError, match="StiefelSGDState"):
+    tx.update(w, None, w)
+  with pytest.raises(TypeError, match="StiefelSGDState"):
+    tx.update(w, optax.sgd(0.1, momentum=0.9).init(w), w)
+  # A momentum of another shape, e.g. restored from another model, is not
+  # broadcast: the error names the leaf and both shapes.
+  state = tx.init(w)._replace(momentum={"w": jnp.zeros((1, 4))})
+  with pytest.raises(ValueError, match=r"state\.momentum\['w'\].*\(1, 4\).*\(8, 4\)"):
+    tx.update(w, state, w)
+  state = tx.init(w)._replace(momentum={"v": jnp.zeros((8, 4))})
+  with pytest.raises(ValueError, match="state.momentum.*'w'"):
+    tx.update(w, state, w)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (9, 3), (40, 4)])
+def test_a_drifted_column_is_corrected(shape):
+  """The manifold check before a step is by probes, not the full Gram matrix:
+  one column off by 1e-5 (a single pair of entries of X^T X - I) is still
+  found and corrected, so the step leaves X orthonormal."""
+  x = _orthonormal(jax.random.key(0), *shape)
+  x = x.at[:, -1].multiply(1 + 1e-5)
+  assert _ortho_error(x) > 1e-5
+  tx = optax_ortho.stiefel_sgd(0.05)
+  g = jax.random.normal(jax.random.key(1), shape)
+  updates, _ = jax.jit(tx.update)(g, tx.init(x), x)
+  assert _ortho_error(x + updates) < 1e-6

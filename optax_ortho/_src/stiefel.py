@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_ortho._src import checks
@@ -78,14 +79,14 @@ def _full_polar(x: jax.Array) -> jax.Array:
   return checks.per_matrix(one, x)
 
 
-def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
-  """Brings a finite (k, n, p) stack back onto the manifold before a step.
+def _project_or_correct(x: jax.Array, tol: float) -> jax.Array:
+  """A finite (k, n, p) stack brought back onto the manifold.
 
   Near it (max |X^T X - I| <= tol) one Newton-Schulz step X (3I - X^T X) / 2
-  squares the error, so float32 rounding never accumulates over steps. Farther
-  (a random initialisation, a zero or rank-deficient matrix), the stack is
-  replaced by closest orthonormal matrices, polar factors with the null
-  directions filled; that SVD runs only on such a step.
+  squares the error. Farther (a random initialisation, a zero or
+  rank-deficient matrix), the stack is replaced by closest orthonormal
+  matrices, polar factors with the null directions filled; that SVD runs only
+  on such a step.
   """
   p = x.shape[-1]
   eye = jnp.eye(p, dtype=x.dtype)
@@ -95,6 +96,46 @@ def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
       off > tol,
       lambda: _full_polar(x),
       lambda: mm(x, 1.5 * eye - 0.5 * gram),
+  )
+
+
+# Fixed random +-1 vectors that probe X^T X - I; a few suffice (see below).
+_PROBES = 4
+
+
+def _gram_error_estimate(x: jax.Array) -> jax.Array:
+  """Per matrix of a (k, n, p) stack, an estimate of max_i |row i of X^T X - I|.
+
+  For a random +-1 vector v, E[(E v)_i^2] = |row i of E|^2 (Hutchinson), so
+  the mean over a few fixed such vectors estimates every row norm of
+  E = X^T X - I, an upper bound of its largest entry; a single large entry
+  (a broken column) is found exactly. Two products with p x 4 probes,
+  against the p x p Gram matrix's n p^2.
+  """
+  p = x.shape[-1]
+  v = jnp.asarray(
+      np.random.default_rng(0).choice([-1.0, 1.0], size=(p, _PROBES)), x.dtype)
+  res = mm(mT(x), mm(x, v)) - v
+  return jnp.sqrt(jnp.max(jnp.mean(res * res, axis=-1), axis=-1))
+
+
+def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
+  """A finite (k, n, p) stack as it should enter a step: on the manifold.
+
+  The Cayley step keeps X^T X, so a stack already on the manifold is left as
+  it is: its Gram error, estimated with fixed probes, is at most
+  eps (4 + sqrt(n)), about twice what float32 rounding leaves in the n-term
+  sums of X^T X after a Newton-Schulz step. Rounding then accumulates slowly
+  over steps until the estimate passes that bound, and `_project_or_correct`
+  (a Newton-Schulz step, or the polar factor when far) sets it back; its
+  Gram matrix is computed only then.
+  """
+  n = x.shape[-2]
+  bound = float(jnp.finfo(x.dtype).eps) * (4 + math.sqrt(n))
+  return jax.lax.cond(
+      jnp.any(_gram_error_estimate(x) > bound),
+      lambda: _project_or_correct(x, tol),
+      lambda: x,
   )
 
 
@@ -128,18 +169,31 @@ def _series_solve(y: jax.Array, b: jax.Array, beta: jax.Array,
   (4th ed., 2013), section 2.3.
   """
   eye = jnp.eye(y.shape[-1], dtype=y.dtype)
+  y2 = mm(y, y)
+  # A tighter bound where the spectrum is spread: the eigenvalues of Y^2 are
+  # those of (hW)^2, -mu^2 twice for each pair +-i mu of hW, so
+  # |hW|_2^2 = max mu^2 <= |Y^2|_F / sqrt(2) (Schur: |A|_F^2 >= sum |lambda|^2).
+  beta = jnp.minimum(beta, jnp.sqrt(jnp.sum(y2 * y2, axis=(-2, -1)) / 2))
   c = (2.0 / (2.0 + beta))[:, None, None]
-  z = (1.0 - c) * eye + c * mm(y, y)
+  z = (1.0 - c) * eye + c * y2
   r0 = b - (mm(y, b) if yb is None else yb)
-  r = r0 + mm(z, r0)
   rho = jnp.max(beta / (2.0 + beta))
-  err = rho * rho
   tol = float(jnp.finfo(y.dtype).eps) / 8
-  # rho <= 1/17 bounds the number of terms; a cond per term (not a while
-  # loop) keeps the step reverse-differentiable.
-  for _ in range(math.ceil(math.log(tol) / math.log(_RHO_MAX)) - 2):
-    r = jax.lax.cond(err > tol, lambda r: r0 + mm(z, r), lambda r: r, r)
-    err = err * rho
+  # rho <= 1/17 bounds the number of terms; one switch on the number needed
+  # (not a while loop, which would not be reverse-differentiable).
+  max_terms = math.ceil(math.log(tol) / math.log(_RHO_MAX))
+  terms = jnp.int32(2) + sum(
+      (rho ** k > tol).astype(jnp.int32) for k in range(2, max_terms))
+
+  def horner(n):
+    def run(r0):
+      r = r0
+      for _ in range(n - 1):
+        r = r0 + mm(z, r)
+      return r
+    return run
+
+  r = jax.lax.switch(terms - 2, [horner(n) for n in range(2, max_terms + 1)], r0)
   return c * r
 
 
@@ -321,7 +375,9 @@ def stiefel_sgd(
 
   A selected leaf of more than two axes is viewed as the matrix
   ``(prod(shape[:-1]), shape[-1])`` (a conv kernel's neurons). Momentum
-  buffers are kept in float32 (or wider); updates have the parameters' dtypes.
+  buffers are kept in float32 (or wider). Updates of the selected leaves have
+  the parameters' dtypes (a float32 parameter with bfloat16 gradients stays on
+  the manifold to float32 precision); the others have the gradients' dtypes.
   A non-finite gradient or parameter gives a NaN update for that leaf and
   leaves its momentum unchanged; such a matrix never reaches a LAPACK kernel.
   An empty leaf (a zero-size axis) gets a zero update. Updates, params and
@@ -405,6 +461,10 @@ def _check_update_args(updates: Any, state: StiefelSGDState, params: Any) -> Non
     raise ValueError(
         "stiefel_sgd needs the current parameters: call update(updates,"
         " state, params).")
+  if not isinstance(state, StiefelSGDState):
+    raise TypeError(
+        "state must be the StiefelSGDState returned by stiefel_sgd's init,"
+        f" got {type(state).__name__}.")
   checks.float_leaves(updates, "updates")
   checks.trees_match(params, updates, "params", "updates")
   checks.trees_match(state.momentum, updates, "state.momentum", "updates")
@@ -430,7 +490,9 @@ def _manifold_updates(
                                  projection_tol, clamp)
     sizes = [views[i].batch for i in idx]
     for i, d, t in zip(idx, split_stack(delta, sizes), split_stack(tangent, sizes)):
-      out[i] = mv.from_stack(d, views[i], grads[i])
+      # In the parameter's dtype: a bfloat16 update of a float32 parameter
+      # would be rounded off the manifold.
+      out[i] = mv.from_stack(d, views[i], xs[i])
       new_m[i] = mv.from_stack(t, views[i], old_m[i])
   return out, new_m
 
