@@ -124,8 +124,8 @@ def _onto_manifold(x: jax.Array, tol: float) -> jax.Array:
 
   The Cayley step keeps X^T X, so a stack already on the manifold is left as
   it is: its Gram error, estimated with fixed probes, is at most
-  eps (4 + sqrt(n)), about twice what float32 rounding leaves in the n-term
-  sums of X^T X after a Newton-Schulz step. Rounding then accumulates slowly
+  eps (4 + sqrt(n)), two to four times what float32 rounding leaves in the
+  n-term sums of X^T X after a Newton-Schulz step. Rounding then accumulates
   over steps until the estimate passes that bound, and `_project_or_correct`
   (a Newton-Schulz step, or the polar factor when far) sets it back; its
   Gram matrix is computed only then.
@@ -365,9 +365,12 @@ def stiefel_sgd(
   :math:`\max|X^\top X - I| >` ``projection_tol`` (e.g. a random
   initialisation) is first replaced by its closest orthonormal matrix, its
   polar factor, and the step is taken from there (the returned update contains
-  that jump); one that is closer is pulled back by a Newton-Schulz step
-  :math:`X(3I - X^\top X)/2` that squares the error. So iterates stay
-  orthonormal to float32 precision over any number of steps, and a
+  that jump); one that is closer but off by more than float32 rounding is
+  pulled back by a Newton-Schulz step :math:`X(3I - X^\top X)/2` that squares
+  the error. The Cayley step itself keeps :math:`X^\top X`, so the full check
+  (the Gram matrix) runs only when a few fixed random probes of
+  :math:`X^\top X - I` (two thin products) find such an error. So iterates
+  stay orthonormal to float32 precision over any number of steps, and a
   ``jax.nn.initializers.orthogonal()`` initialisation avoids the jump. A zero
   or rank-deficient selected parameter is projected the same way, its null
   directions filled from the SVD's basis, so it lands on the manifold and
