@@ -10,6 +10,7 @@ minimise the Taylor remainder of a small step along the adjusted gradient.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -76,6 +77,20 @@ class _Adjuster(nn.Module):
     return nn.Dense(self.num_outputs)(z)
 
 
+class _Config(NamedTuple):
+  """What `gal`'s arguments fix: everything `update` needs besides its inputs."""
+
+  num_outputs: int
+  learning_rate: optax.ScalarOrSchedule
+  alpha: float
+  beta: float
+  safeguard: Safeguard
+  adjuster: _Adjuster
+  adjuster_optimizer: optax.GradientTransformation
+  flatten: Callable[[Any], jax.Array]
+  unflatten: Callable[[jax.Array], Any]
+
+
 def _flat_params(adjuster: nn.Module, num_outputs: int):
   """(tree -> flat vector, flat vector -> tree) for the adjuster's parameters.
 
@@ -106,10 +121,12 @@ def _adjust(grad: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
   return grad + alpha * jnp.linalg.norm(grad, axis=-1, keepdims=True) * unit
 
 
-def _check_positive_int(value: Any, name: str) -> None:
-  if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
-      or value < 1):
-    raise ValueError(f"{name} must be a positive Python int, got {value!r}.")
+def _check_seed(seed: Any) -> None:
+  # optax.inject_hyperparams hands numeric defaults over as arrays: an integer
+  # array seed is fine, jax.random.PRNGKey traces.
+  if (isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, jax.Array))
+      or not jnp.issubdtype(jnp.result_type(seed), jnp.integer)):
+    raise ValueError(f"seed must be an int, got {seed!r}.")
 
 
 def _check_args(num_outputs: int, args: dict[str, Any]) -> None:
@@ -144,6 +161,138 @@ def _check_args(num_outputs: int, args: dict[str, Any]) -> None:
   for name in ("gal_sample_loss", "gal_vjp"):
     if not callable(args[name]):
       raise TypeError(f"{name} must be callable, got {args[name]!r}.")
+
+
+def _backprop(gal_vjp: Callable, chosen: jax.Array, logits_dtype: Any,
+              updates: Any) -> Any:
+  """The parameter gradient of the chosen logit gradients, in `updates`' dtypes."""
+  new_updates = gal_vjp(chosen.astype(logits_dtype))
+  checks.trees_match(new_updates, updates, "gal_vjp(logit gradients)", "updates")
+  checks.float_leaves(new_updates, "gal_vjp(logit gradients)")
+  return jax.tree.map(lambda n, u: n.astype(u.dtype), new_updates, updates)
+
+
+def _remainder(sample_loss: Callable, z: jax.Array, l0: jax.Array,
+               grad_l: jax.Array, g: jax.Array, eta: jax.Array):
+  """(r / eta^2, l(z - eta g) - l(z)) per sample, each in its most accurate form.
+
+  Where float32 resolves the loss difference (at least `_RESOLVED` of the
+  losses) both come from it directly; elsewhere from Taylor's integral form,
+  with no cancellation however small eta is. The gradient with respect to `g`
+  treats the Hessian's evaluation points as fixed.
+  """
+  nodes = jnp.asarray(_GL_T, z.dtype)
+  weights = jnp.asarray(_GL_W * (1.0 - _GL_T), z.dtype)
+
+  def hvp(at, tangent):
+    total = jax.grad(lambda zz: jnp.sum(sample_loss(zz)))
+    return jax.jvp(total, (at,), (tangent,))[1]
+
+  step = eta * g
+  first = eta * jnp.sum(grad_l * g, axis=-1)
+  # All nodes in one batched Hessian-vector product.
+  points = z - nodes[:, None, None] * jax.lax.stop_gradient(step)
+  curvature = jnp.sum(g * jax.vmap(hvp, (0, None))(points, g), axis=-1)
+  r_integral = jnp.sum(weights[:, None] * curvature, axis=0)
+  l1 = sample_loss(z - step)
+  direct = l1 - l0
+  resolved = jax.lax.stop_gradient(
+      jnp.abs(direct) > _RESOLVED * jnp.maximum(jnp.abs(l0), jnp.abs(l1)))
+  r_direct = (direct + first) / jnp.where(resolved, eta * eta, 1.0)
+  r_scaled = jnp.where(resolved, r_direct, r_integral)
+  change = jnp.where(resolved, direct, eta * eta * r_integral - first)
+  return r_scaled, change
+
+
+def _adjuster_objective(adjuster_params: jax.Array, config: _Config,
+                        sample_loss: Callable, z: jax.Array, l0: jax.Array,
+                        grad_l: jax.Array, alpha: jax.Array, eta: jax.Array):
+  """The adjuster's loss, mean |r| / eta^2, with its proposal and the loss changes."""
+  v = jnp.asarray(config.adjuster.apply({"params": config.unflatten(adjuster_params)}, z))
+  r_scaled, change = _remainder(sample_loss, z, l0, grad_l, _adjust(grad_l, v, alpha), eta)
+  return jnp.mean(jnp.abs(r_scaled)), (v, change)
+
+
+def _accept(change: jax.Array, safeguard: Safeguard) -> jax.Array:
+  """Per sample, whether its adjusted gradient passes the safeguard.
+
+  A NaN change compares False: that sample keeps its vanilla gradient.
+  """
+  if safeguard == "batch":
+    # The batch-mean loss does not grow: sum of per-sample changes <= 0.
+    return jnp.broadcast_to(jnp.sum(change) <= 0, change.shape)
+  return change <= 0
+
+
+def _train_adjuster(config: _Config, state: GalState, adj_loss: jax.Array,
+                    adj_grads: jax.Array) -> GalState:
+  """One step of the adjuster's optimizer; a non-finite step is skipped, not stored."""
+  adj_updates, adj_opt_state = config.adjuster_optimizer.update(
+      adj_grads, state.adjuster_opt_state, state.adjuster_params)
+  adj_params = optax.apply_updates(state.adjuster_params, adj_updates)
+  finite = jnp.isfinite(adj_loss) & jnp.all(jnp.isfinite(adj_params))
+
+  def keep_finite(new, old):
+    return optax.tree.where(finite, new, old)
+
+  return state._replace(
+      adjuster_params=keep_finite(adj_params, state.adjuster_params),
+      adjuster_opt_state=keep_finite(adj_opt_state, state.adjuster_opt_state),
+      remainder=jnp.where(finite, adj_loss.astype(jnp.float32), state.remainder),
+  )
+
+
+def _init(config: _Config, seed: Any, params: Any) -> GalState:
+  del params
+  key = jax.random.PRNGKey(seed)
+  adjuster_params = config.flatten(config.adjuster.init(
+      key, jnp.zeros((1, config.num_outputs), jnp.float32))["params"])
+  return GalState(
+      count=jnp.zeros([], jnp.int32),
+      adjuster_params=adjuster_params,
+      adjuster_opt_state=config.adjuster_optimizer.init(adjuster_params),
+      key=key,
+      accepted_fraction=jnp.zeros([], jnp.float32),
+      remainder=jnp.zeros([], jnp.float32),
+  )
+
+
+def _update(config: _Config, updates: Any, state: GalState, params: Any = None, *,
+            gal_logits: Any = None, gal_logits_grad: Any = None,
+            gal_sample_loss: Any = None, gal_vjp: Any = None,
+            **extra_args: Any) -> tuple[Any, GalState]:
+  del params, extra_args
+  _check_args(config.num_outputs, dict(
+      gal_logits=gal_logits, gal_logits_grad=gal_logits_grad,
+      gal_sample_loss=gal_sample_loss, gal_vjp=gal_vjp))
+  checks.float_leaves(updates, "updates")
+  count = optax.safe_increment(state.count)
+  if gal_logits.shape[0] == 0:
+    # An empty batch has nothing to adjust or to train the adjuster on: its
+    # means would be NaN. Keep the state, count the step.
+    return (_backprop(gal_vjp, gal_logits_grad, gal_logits.dtype, updates),
+            state._replace(count=count))
+  compute = jnp.promote_types(gal_logits.dtype, jnp.float32)
+  lr = config.learning_rate
+  lr = lr(state.count) if callable(lr) else lr
+  eta = jnp.asarray(config.beta, compute) * jnp.asarray(lr, compute)
+  alpha = jnp.asarray(config.alpha, compute)
+  z = gal_logits.astype(compute)
+  dz = gal_logits_grad.astype(compute)
+
+  def sample_loss(zz):
+    return gal_sample_loss(zz).astype(compute)
+
+  l0, loss_vjp = jax.vjp(sample_loss, z)
+  grad_l = loss_vjp(jnp.ones_like(l0))[0]  # per-sample gradients, row i
+  (adj_loss, (v, change)), adj_grads = jax.value_and_grad(
+      _adjuster_objective, has_aux=True)(
+          state.adjuster_params, config, sample_loss, z, l0, grad_l, alpha, eta)
+  accept = _accept(change, config.safeguard)
+  chosen = jnp.where(accept[:, None], _adjust(dz, v, alpha), dz)
+  new_state = _train_adjuster(config, state, adj_loss, adj_grads)._replace(
+      count=count, accepted_fraction=jnp.mean(accept.astype(jnp.float32)))
+  return _backprop(gal_vjp, chosen, gal_logits.dtype, updates), new_state
 
 
 def gal(
@@ -236,10 +385,10 @@ def gal(
     Luo, Wong, Kankanhalli, Zhao, `Learning to Minimize the Remainder in
     Supervised Learning <https://arxiv.org/abs/2201.09193>`_, IEEE TMM 2023.
   """
-  _check_positive_int(num_outputs, "num_outputs")
+  checks.positive_int(num_outputs, "num_outputs")
   hidden_sizes = tuple(hidden_sizes)
   for width in hidden_sizes:
-    _check_positive_int(width, f"hidden_sizes entry (hidden_sizes={hidden_sizes!r})")
+    checks.positive_int(width, f"hidden_sizes entry (hidden_sizes={hidden_sizes!r})")
   checks.hyperparam(learning_rate, "learning_rate", "a finite number >= 0",
                     lambda v: v >= 0.0)
   checks.hyperparam(alpha, "alpha", "a finite number >= 0", lambda v: v >= 0.0,
@@ -249,11 +398,7 @@ def gal(
   if safeguard not in _SAFEGUARDS:
     raise ValueError(
         f"safeguard must be one of {_SAFEGUARDS}, got {safeguard!r}.")
-  # optax.inject_hyperparams hands numeric defaults over as arrays: an integer
-  # array seed is fine, jax.random.PRNGKey traces.
-  if (isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, jax.Array))
-      or not jnp.issubdtype(jnp.result_type(seed), jnp.integer)):
-    raise ValueError(f"seed must be an int, got {seed!r}.")
+  _check_seed(seed)
   if adjuster_optimizer is None:
     adjuster_optimizer = optax.adam(1e-3)
   elif not isinstance(adjuster_optimizer, optax.GradientTransformation):
@@ -263,115 +408,10 @@ def gal(
     )
   adjuster = _Adjuster(hidden_sizes, num_outputs)
   flatten, unflatten = _flat_params(adjuster, num_outputs)
-
-  def init_fn(params):
-    del params
-    key = jax.random.PRNGKey(seed)
-    adjuster_params = flatten(adjuster.init(
-        key, jnp.zeros((1, num_outputs), jnp.float32))["params"])
-    return GalState(
-        count=jnp.zeros([], jnp.int32),
-        adjuster_params=adjuster_params,
-        adjuster_opt_state=adjuster_optimizer.init(adjuster_params),
-        key=key,
-        accepted_fraction=jnp.zeros([], jnp.float32),
-        remainder=jnp.zeros([], jnp.float32),
-    )
-
-  def update_fn(updates, state, params=None, *, gal_logits=None,
-                gal_logits_grad=None, gal_sample_loss=None, gal_vjp=None,
-                **extra_args):
-    del params, extra_args
-    _check_args(num_outputs, dict(
-        gal_logits=gal_logits, gal_logits_grad=gal_logits_grad,
-        gal_sample_loss=gal_sample_loss, gal_vjp=gal_vjp))
-    checks.float_leaves(updates, "updates")
-
-    def backprop(chosen):
-      new_updates = gal_vjp(chosen.astype(gal_logits.dtype))
-      checks.trees_match(new_updates, updates, "gal_vjp(logit gradients)",
-                         "updates")
-      checks.float_leaves(new_updates, "gal_vjp(logit gradients)")
-      return jax.tree.map(lambda n, u: n.astype(u.dtype), new_updates, updates)
-
-    if gal_logits.shape[0] == 0:
-      # An empty batch has nothing to adjust or to train the adjuster on: its
-      # means would be NaN. Keep the state, count the step.
-      return backprop(gal_logits_grad), state._replace(
-          count=optax.safe_increment(state.count))
-    compute = jnp.promote_types(gal_logits.dtype, jnp.float32)
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    eta = jnp.asarray(beta, compute) * jnp.asarray(lr, compute)
-    a = jnp.asarray(alpha, compute)
-    z = gal_logits.astype(compute)
-    dz = gal_logits_grad.astype(compute)
-
-    def sample_loss(zz):
-      return gal_sample_loss(zz).astype(compute)
-
-    def total_loss(zz):
-      return jnp.sum(sample_loss(zz))
-
-    l0, loss_vjp = jax.vjp(sample_loss, z)
-    grad_l = loss_vjp(jnp.ones_like(l0))[0]  # per-sample gradients, row i
-
-    nodes = jnp.asarray(_GL_T, compute)
-    weights = jnp.asarray(_GL_W * (1.0 - _GL_T), compute)
-
-    def hvp(at, tangent):
-      return jax.jvp(jax.grad(total_loss), (at,), (tangent,))[1]
-
-    def objective(adjuster_params):
-      v = adjuster.apply({"params": unflatten(adjuster_params)}, z)
-      g = _adjust(grad_l, v, a)
-      step = eta * g
-      first = eta * jnp.sum(grad_l * g, axis=-1)
-      # r / eta^2 from the integral form: no cancellation however small eta is.
-      # All nodes in one batched Hessian-vector product.
-      points = z - nodes[:, None, None] * jax.lax.stop_gradient(step)
-      curvature = jnp.sum(g * jax.vmap(hvp, (0, None))(points, g), axis=-1)
-      r_integral = jnp.sum(weights[:, None] * curvature, axis=0)
-      l1 = sample_loss(z - step)
-      direct = l1 - l0
-      resolved = jax.lax.stop_gradient(
-          jnp.abs(direct) > _RESOLVED * jnp.maximum(jnp.abs(l0), jnp.abs(l1)))
-      r_direct = (direct + first) / jnp.where(resolved, eta * eta, 1.0)
-      r_scaled = jnp.where(resolved, r_direct, r_integral)
-      change = jnp.where(resolved, direct, eta * eta * r_integral - first)
-      return jnp.mean(jnp.abs(r_scaled)), (v, change)
-
-    (adj_loss, (v, change)), adj_grads = jax.value_and_grad(
-        objective, has_aux=True)(state.adjuster_params)
-
-    # A NaN change compares False: that sample keeps its vanilla gradient.
-    if safeguard == "batch":
-      # The batch-mean loss does not grow: sum of per-sample changes <= 0.
-      accept = jnp.broadcast_to(jnp.sum(change) <= 0, change.shape)
-    else:
-      accept = change <= 0
-    chosen = jnp.where(accept[:, None], _adjust(dz, v, a), dz)
-    new_updates = backprop(chosen)
-
-    adj_updates, adj_opt_state = adjuster_optimizer.update(
-        adj_grads, state.adjuster_opt_state, state.adjuster_params)
-    adj_params = optax.apply_updates(state.adjuster_params, adj_updates)
-    # A non-finite batch (or adjuster step) is skipped, not stored.
-    finite = jnp.isfinite(adj_loss) & jnp.all(jnp.isfinite(adj_params))
-
-    def keep_finite(new, old):
-      return optax.tree.where(finite, new, old)
-
-    new_state = GalState(
-        count=optax.safe_increment(state.count),
-        adjuster_params=keep_finite(adj_params, state.adjuster_params),
-        adjuster_opt_state=keep_finite(adj_opt_state, state.adjuster_opt_state),
-        key=state.key,
-        accepted_fraction=jnp.mean(accept.astype(jnp.float32)),
-        remainder=jnp.where(finite, adj_loss.astype(jnp.float32), state.remainder),
-    )
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  config = _Config(num_outputs, learning_rate, alpha, beta, safeguard, adjuster,
+                   adjuster_optimizer, flatten, unflatten)
+  return optax.GradientTransformationExtraArgs(
+      functools.partial(_init, config, seed), functools.partial(_update, config))
 
 
 def gal_value_and_grad(
