@@ -704,3 +704,63 @@ def test_jit_with_a_sharded_global_batch_needs_no_axis_name():
   got = _run(jax.jit(step), jax.device_put(params, replicated),
              jax.device_put(state, replicated), xs, ys)
   _assert_same_run(got, ref)
+
+
+# ------------------------------------------------------------------ nnx
+
+
+def _pure_vjp(vjp, cotangent):
+  from flax import nnx
+  return nnx.as_pure(vjp(cotangent))
+
+
+@pytest.mark.slow
+def test_nnx_recipe_with_batchnorm_and_dropout():
+  """The recipe of the GAL page: nnx.split, a pure copy of the other state."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(6, 16, rngs=rngs)
+      self.norm = nnx.BatchNorm(16, rngs=rngs)
+      self.drop = nnx.Dropout(0.2, rngs=rngs)
+      self.out = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.drop(nnx.relu(self.norm(self.hidden(x)))))
+
+  model = Net(nnx.Rngs(0))
+  lr = 0.05
+  tx = optax.chain(optax_ortho.gal(3, lr, alpha=0.1, beta=0.1, hidden_sizes=(8,)),
+                   optax.adam(lr))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rest = nnx.as_pure(rest)  # BatchStat, RNG counts: updated on a copy
+
+    def apply_fn(params, x):
+      copy = nnx.merge(graphdef, params, rest)
+      return copy(x), nnx.as_pure(nnx.state(copy, nnx.Not(nnx.Param)))
+
+    (loss, new_rest), grads, gal_args = optax_ortho.gal_value_and_grad(
+        apply_fn, cross_entropy, has_aux=True)(params, x, y)
+    nnx.update(model, new_rest)
+    # nnx.Optimizer hands tx.update pure arrays; gal_vjp must return them too.
+    gal_args["gal_vjp"] = jax.tree_util.Partial(_pure_vjp, gal_args["gal_vjp"])
+    optimizer.update(model, grads, **gal_args)
+    return loss
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((32, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 32))
+  mean0 = np.array(model.norm.mean[...])
+  count0 = int(model.drop.rngs.count[...])
+  losses = [float(train_step(model, optimizer, x, y)) for _ in range(15)]
+  assert np.abs(np.array(model.norm.mean[...]) - mean0).max() > 0  # statistics move
+  assert np.mean(losses[-3:]) < losses[0]
+  gal_state = optimizer.opt_state[0]
+  assert int(gal_state.count[...]) == 15
+  assert float(gal_state.accepted_fraction[...]) > 0
+  assert int(model.drop.rngs.count[...]) == count0 + 15  # a new dropout key per step
