@@ -764,3 +764,18 @@ def test_nnx_recipe_with_batchnorm_and_dropout():
   assert int(gal_state.count[...]) == 15
   assert float(gal_state.accepted_fraction[...]) > 0
   assert int(model.drop.rngs.count[...]) == count0 + 15  # a new dropout key per step
+
+
+@pytest.mark.slow  # six small compiles: about a minute on a loaded machine
+def test_diabetes_benchmark_runs_tiny(tmp_path):
+  path = __import__("pathlib").Path(__file__).parent.parent / "benchmarks" / "gal_diabetes.py"
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("_gal_diabetes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = module.main(["--seeds", "2", "--epochs", "1", "--json", str(tmp_path / "d.json")])
+  assert (tmp_path / "d.json").exists()
+  for row in out["protocols"].values():
+    low, high = row["gal_minus_baseline"]["ci95"]
+    assert low <= row["gal_minus_baseline"]["mean"] <= high
+    assert all(np.isfinite(v) for v in row["mae_mean"].values())
