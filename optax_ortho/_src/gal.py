@@ -339,11 +339,12 @@ def _heal(config: _Config, state: GalState) -> GalState:
   skipped and the safeguard would reject every adjusted gradient for good.
   """
   healthy = _all_finite((state.adjuster_params, state.adjuster_opt_state))
-  fresh_params, fresh_opt_state = _fresh_adjuster(config, state.key)
+  # A cond, not a select: the initialisation runs only when it is needed.
+  params, opt_state = jax.lax.cond(
+      healthy, lambda: (state.adjuster_params, state.adjuster_opt_state),
+      lambda: _fresh_adjuster(config, state.key))
   return state._replace(
-      adjuster_params=jnp.where(healthy, state.adjuster_params, fresh_params),
-      adjuster_opt_state=optax.tree.where(healthy, state.adjuster_opt_state,
-                                          fresh_opt_state),
+      adjuster_params=params, adjuster_opt_state=opt_state,
       adjuster_resets=state.adjuster_resets + jnp.where(healthy, 0, 1).astype(jnp.int32),
   )
 
