@@ -779,3 +779,22 @@ def test_diabetes_benchmark_runs_tiny(tmp_path):
     low, high = row["gal_minus_baseline"]["ci95"]
     assert low <= row["gal_minus_baseline"]["mean"] <= high
     assert all(np.isfinite(v) for v in row["mae_mean"].values())
+
+
+@pytest.mark.slow
+def test_parameter_term_added_after_gal():
+  """The GAL page's recipe: L2 on the parameters via add_decayed_weights after GAL."""
+  apply_fn, params, x, y = _mlp_problem()
+  weight = 0.1
+  tx = optax.chain(optax_ortho.gal(5, 0.1, alpha=0.0, beta=0.1, hidden_sizes=(8,)),
+                   optax.add_decayed_weights(weight))
+  _, grads, gal_args = optax_ortho.gal_value_and_grad(apply_fn, cross_entropy)(params, x, y)
+  updates, _ = jax.jit(lambda g, s, p, a: tx.update(g, s, p, **a))(
+      grads, tx.init(params), params, gal_args)
+
+  def total(p):
+    l2 = sum(jnp.sum(w * w) for w in jax.tree.leaves(p))
+    return cross_entropy(apply_fn(p, x), y) + 0.5 * weight * l2
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               updates, jax.grad(total)(params))
