@@ -51,6 +51,90 @@ def _scaled_norm(tree: Any) -> tuple[jax.Array, jax.Array]:
   return safe_m, n.astype(acc)
 
 
+def _unit(g1: Any, eps: float) -> tuple[Any, jax.Array]:
+  """(g1 / max(|g1|, eps) in the compute dtype, whether |g1| is finite).
+
+  Computed as (g1 / m) / max(n, eps / m), never squaring g1.
+  """
+  m, n = _scaled_norm(g1)
+  inv = 1.0 / jnp.maximum(n, eps / m)
+
+  def unit(g):
+    dtype = _compute_dtype(g)
+    return (g.astype(dtype) / m.astype(dtype)) * inv.astype(dtype)
+
+  return jax.tree.map(unit, g1), jnp.isfinite(n)
+
+
+def _perturb(params: Any, unit: Any, radius: jax.Array, finite: jax.Array) -> Any:
+  """params + radius * unit, or params where |g1| is not finite.
+
+  A non-finite g1 would spread NaN into every parameter through the
+  perturbation; evaluated at params instead, g2 stays finite and only the
+  non-finite leaves of g1 make the output non-finite.
+  """
+  def perturb(p, u):
+    dtype = _compute_dtype(p)
+    moved = p.astype(dtype) + radius * u.astype(dtype)
+    return jnp.where(finite, moved, p.astype(dtype)).astype(p.dtype)
+
+  return jax.tree.map(perturb, params, unit)
+
+
+def _second_gradient(grad_fn: GradFn, perturbed: Any, updates: Any, has_aux: bool) -> Any:
+  """grad_fn(perturbed), its aux dropped, checked against `updates`."""
+  g2 = grad_fn(perturbed)
+  if has_aux:
+    if not (isinstance(g2, (tuple, list)) and len(g2) == 2):
+      raise ValueError(
+          "with has_aux=True, grad_fn must return a pair (grads, aux), got"
+          f" {type(g2).__name__}."
+      )
+    g2 = g2[0]  # aux (e.g. BatchNorm statistics of the perturbed pass) dropped
+  try:
+    checks.trees_match(g2, updates, "grad_fn(params)", "updates")
+  except ValueError as err:
+    if has_aux:
+      raise
+    raise ValueError(
+        f"{err} If grad_fn returns (grads, aux), pass has_aux=True.") from None
+  checks.float_leaves(g2, "grad_fn(params)")
+  return g2
+
+
+def _mix(g1: Any, g2: Any, alpha: jax.Array, out_like: Any) -> Any:
+  """(1 - alpha) g1 + alpha g2 per leaf, in the dtype of `out_like`.
+
+  Not g1 + alpha (g2 - g1): this form is exact at alpha = 0 and at alpha = 1.
+  """
+  def mix(a, b, like):
+    dtype = _compute_dtype(a)
+    return ((1.0 - alpha) * a.astype(dtype) + alpha * b.astype(dtype)).astype(like.dtype)
+
+  return jax.tree.map(mix, g1, g2, out_like)
+
+
+def _check_update_args(updates: Any, params: Any, grad_fn: Any) -> None:
+  if params is None:
+    raise ValueError(
+        "gradient_norm_penalty needs params: call update(updates, state,"
+        " params, grad_fn=...), params=None is not accepted."
+    )
+  if grad_fn is None:
+    raise ValueError(
+        "gradient_norm_penalty needs the keyword argument grad_fn: a"
+        " function params -> gradient of the loss on the current batch,"
+        " got None."
+    )
+  if not callable(grad_fn):
+    raise TypeError(
+        f"grad_fn must be callable (params -> grads), got {grad_fn!r} of"
+        f" type {type(grad_fn).__name__}."
+    )
+  checks.float_leaves(updates, "updates")
+  checks.trees_match(params, updates, "params", "updates")
+
+
 def gradient_norm_penalty(
     alpha: optax.ScalarOrSchedule = 0.8,
     radius: optax.ScalarOrSchedule = 0.05,
@@ -167,81 +251,20 @@ def gradient_norm_penalty(
   def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None,
                 **extra_args):
     del extra_args  # meant for other transforms of the chain
-    if params is None:
-      raise ValueError(
-          "gradient_norm_penalty needs params: call update(updates, state,"
-          " params, grad_fn=...), params=None is not accepted."
-      )
-    if grad_fn is None:
-      raise ValueError(
-          "gradient_norm_penalty needs the keyword argument grad_fn: a"
-          " function params -> gradient of the loss on the current batch,"
-          " got None."
-      )
-    if not callable(grad_fn):
-      raise TypeError(
-          f"grad_fn must be callable (params -> grads), got {grad_fn!r} of"
-          f" type {type(grad_fn).__name__}."
-      )
-    checks.float_leaves(updates, "updates")
-    checks.trees_match(params, updates, "params", "updates")
-
-    count_inc = optax.safe_increment(state.count)
-    new_state = GradientNormPenaltyState(count=count_inc)
+    _check_update_args(updates, params, grad_fn)
+    new_state = GradientNormPenaltyState(count=optax.safe_increment(state.count))
     if skip_second_pass or not jax.tree.leaves(updates):
       return updates, new_state
-
     a = alpha(state.count) if callable(alpha) else alpha
     r = radius(state.count) if callable(radius) else radius
-    m, n = _scaled_norm(updates)
-    # A non-finite g1 would spread NaN into every parameter through the
-    # perturbation; evaluated at params instead, g2 stays finite and only the
-    # non-finite leaves of g1 make the output non-finite.
-    finite = jnp.isfinite(n)
-    # g1 / max(|g1|, eps) = (g1 / m) / max(n, eps / m), never squaring g1.
-    inv = 1.0 / jnp.maximum(n, eps / m)
-
-    def unit(g):
-      dtype = _compute_dtype(g)
-      return (g.astype(dtype) / m.astype(dtype)) * inv.astype(dtype)
-
-    def perturb(p, g):
-      dtype = _compute_dtype(p)
-      moved = p.astype(dtype) + r * unit(g).astype(dtype)
-      return jnp.where(finite, moved, p.astype(dtype)).astype(p.dtype)
-
-    perturbed = jax.tree.map(perturb, params, updates)
-    g2 = grad_fn(perturbed)
-    if has_aux:
-      if not (isinstance(g2, (tuple, list)) and len(g2) == 2):
-        raise ValueError(
-            "with has_aux=True, grad_fn must return a pair (grads, aux), got"
-            f" {type(g2).__name__}."
-        )
-      g2 = g2[0]  # aux (e.g. BatchNorm statistics of the perturbed pass) dropped
-    try:
-      checks.trees_match(g2, updates, "grad_fn(params)", "updates")
-    except ValueError as err:
-      if has_aux:
-        raise
-      raise ValueError(
-          f"{err} If grad_fn returns (grads, aux), pass has_aux=True.") from None
-    checks.float_leaves(g2, "grad_fn(params)")
+    unit, finite = _unit(updates, eps)
+    g2 = _second_gradient(grad_fn, _perturb(params, unit, r, finite), updates, has_aux)
     if normalize_g1:
       # Non-finite g1: keep it as is, so its NaN stays in its own leaves.
-      g1_mixed = jax.tree.map(
-          lambda g: jnp.where(finite, unit(g), g.astype(_compute_dtype(g))),
-          updates)
+      g1 = jax.tree.map(
+          lambda u, g: jnp.where(finite, u, g.astype(u.dtype)), unit, updates)
     else:
-      g1_mixed = updates
-
-    def mix(g1, g2):
-      dtype = _compute_dtype(g1)
-      # (1 - a) g1 + a g2, not g1 + a (g2 - g1): exact at a = 0 and at a = 1.
-      return ((1.0 - a) * g1.astype(dtype)
-              + a * g2.astype(dtype)).astype(g1.dtype)
-
-    out = jax.tree.map(mix, g1_mixed, g2)
-    return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), new_state
+      g1 = updates
+    return _mix(g1, g2, a, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
