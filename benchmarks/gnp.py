@@ -5,7 +5,7 @@ CIFAR-sized), four jitted training steps that all end in SGD with momentum:
 
 - ``plain``:     one forward-backward pass;
 - ``two_grads``: two forward-backward passes and nothing else (the floor of any
-  two-point method: the issue's "2x");
+  two-point method);
 - ``gnp``:       ``chain(gradient_norm_penalty(0.8, 0.05), sgd)``;
 - ``gnp_refresh5``: the same with ``refresh_every=5`` (the second gradient on
   every fifth step, its stored direction reused between; timed over rounds of
