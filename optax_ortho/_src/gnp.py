@@ -179,18 +179,23 @@ def _kept_if_finite(new: Any, old: Any) -> Any:
 
 
 def _refresh_or_reuse(refresh_now: jax.Array, refresh: Callable, reuse: Callable) -> Any:
-  """`lax.cond(refresh_now, refresh, reuse)`; on CPU both, then a select.
+  """`lax.cond(refresh_now, refresh, reuse)`, except for convolutions on CPU.
 
   XLA's CPU backend runs a convolution inside a conditional branch (any
   nested computation) many times slower than in straight-line code, far more
-  than the second pass saves; on CPU the second gradient is therefore taken
-  at every step and only the result is chosen. GPU and TPU run the branch.
+  than the skipped pass saves. When the second gradient involves a
+  convolution, CPU therefore computes both branches and selects the result;
+  GPU and TPU, and every model without convolutions, run the branch.
   """
+  def branch(pred):
+    return jax.lax.cond(pred, refresh, reuse)
+
   def select(pred):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), refresh(), reuse())
 
-  return jax.lax.platform_dependent(
-      refresh_now, cpu=select, default=lambda pred: jax.lax.cond(pred, refresh, reuse))
+  if "conv_general_dilated" not in str(jax.make_jaxpr(refresh)()):
+    return branch(refresh_now)
+  return jax.lax.platform_dependent(refresh_now, cpu=select, default=branch)
 
 
 def _check_update_args(updates: Any, params: Any, grad_fn: Any,
