@@ -1,15 +1,24 @@
 """examples/train_sharded.py runs at tiny size on the 8 virtual CPU devices; its
-cluster flags are checked (multi-process runs: tests/test_distributed.py)."""
+flags are checked; a run stopped by SIGTERM, or resumed from a truncated last
+checkpoint, takes the steps of the uninterrupted run; a checkpoint directory
+in use is refused (multi-process runs: tests/test_distributed.py)."""
 
+import glob
 import math
 import os
+import re
+import signal
+import subprocess
 import sys
 
 import jax
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples")
+sys.path.insert(0, EXAMPLES)
 
+import long_runs  # noqa: E402
 import train_sharded  # noqa: E402
 
 needs_8 = pytest.mark.skipif(
@@ -54,3 +63,130 @@ def test_local_devices_after_the_backend_started():
   # conftest.py started the CPU backend with 8 devices: 4 can no longer be had.
   with pytest.raises(SystemExit, match="already started with 8 devices"):
     train_sharded.main(["--local-devices", "4"])
+
+
+# ------------------------------------------------------------ the command line
+
+
+def test_help_states_every_default():
+  parser = train_sharded.make_parser()
+  text = parser.format_help()
+  blocks = {b.split()[0]: " ".join(b.split()) for b in re.split(r"\n  (?=--)", text)}
+  defaults = vars(parser.parse_args([]))
+  for dest, value in defaults.items():
+    flag = "--" + dest.replace("_", "-")
+    if value is None or value is False:  # said in words, or a switch
+      continue
+    assert f"(default: {value}" in blocks[flag], (flag, blocks[flag])
+  assert defaults["polar"] == "auto"  # the library's default
+  assert "(default: 8;" in blocks["--local-devices"]
+
+
+def test_checkpoints_are_periodic_by_default():
+  args = train_sharded.make_parser().parse_args(["--checkpoint-dir", "d"])
+  assert args.checkpoint_every == 100
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0, got -1"),
+    (["--init-timeout", "0"], "--init-timeout must be >= 1, got 0"),
+], ids=["checkpoint-every", "init-timeout"])
+def test_long_run_flags_are_checked(flags, message, capsys):
+  with pytest.raises(SystemExit):
+    train_sharded.main(flags)
+  assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ long runs
+
+LONG = ["--steps", "200", "--hidden", "16", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+  """The 200 steps without a stop: what every resumed run must reproduce."""
+  return train_sharded.main(LONG)
+
+
+def corrupt(step_dir: str) -> None:
+  """Truncates the largest data file of a saved step (a full disk, a killed copy)."""
+  files = glob.glob(os.path.join(step_dir, "default", "**", "d", "*"), recursive=True)
+  with open(max(files, key=os.path.getsize), "r+b") as f:
+    f.truncate(16)
+
+
+@needs_8
+@pytest.mark.slow
+def test_sigterm_saves_and_the_rerun_resumes(uninterrupted, tmp_path):
+  # What a TPU VM or SLURM sends before taking the machine; no periodic
+  # checkpoint, so the one found is the one written on SIGTERM.
+  ckpt = str(tmp_path / "ckpt")
+  cmd = [sys.executable, os.path.join(EXAMPLES, "train_sharded.py"), *LONG,
+         "--log-every", "1", "--checkpoint-dir", ckpt, "--checkpoint-every", "0"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
+  with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True, env=env, start_new_session=True) as proc:
+    try:
+      lines = []
+      for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 20 "):
+          proc.send_signal(signal.SIGTERM)
+      proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+  text = "".join(lines)
+  assert proc.returncode == long_runs.PREEMPTED_EXIT_CODE, text[-3000:]
+  stopped = int(re.search(r"preempted \(SIGTERM\) after step (\d+)", text)[1])
+  assert 20 <= stopped < 200, text[-3000:]
+  assert sorted(os.listdir(ckpt)) == [str(stopped)]
+  # Printed as float32 exactly: the steps before the signal are the reference's.
+  printed = re.findall(r"^step (\d+) loss (\S+)$", text, re.M)
+  assert printed == [(str(i + 1), f"{x:.9g}") for i, x in
+                     enumerate(uninterrupted["losses"][:stopped])]
+  resumed = train_sharded.main(LONG + ["--checkpoint-dir", ckpt])
+  assert resumed["start_step"] == stopped and not resumed["preempted"]
+  assert resumed["losses"] == uninterrupted["losses"][stopped:]
+  assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+
+
+@needs_8
+@pytest.mark.slow
+# tensorstore's reader of a broken file leaves an event loop callback behind.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_truncated_last_checkpoint_falls_back_and_says_so(
+    uninterrupted, tmp_path, capsys):
+  ckpt = str(tmp_path / "ckpt")
+  first = LONG + ["--checkpoint-dir", ckpt, "--checkpoint-every", "3"]
+  train_sharded.main(first[:1] + ["4"] + first[2:])  # saves steps 3 and 4
+  corrupt(os.path.join(ckpt, "4"))
+  capsys.readouterr()
+  r = train_sharded.main(first[:1] + ["6"] + first[2:])
+  err = capsys.readouterr().err
+  assert r["start_step"] == 3
+  assert r["losses"] == uninterrupted["losses"][3:6]
+  assert "checkpoint step 4" in err and "does not restore" in err, err
+  assert "resuming from step 3" in err, err
+  # Kept for inspection, out of the way of the new step 4 (and 6).
+  names = os.listdir(ckpt)
+  assert any(n.startswith("4.unrestorable") for n in names), names
+  assert "6" in names and "job.lock" not in names  # the lock is released
+  # Nothing restores: stop rather than start again from step 0.
+  for step in ("3", "6"):
+    if os.path.isdir(os.path.join(ckpt, step)):
+      corrupt(os.path.join(ckpt, step))
+  with pytest.raises(SystemExit, match="no checkpoint in .* restores"):
+    train_sharded.main(first[:1] + ["8"] + first[2:])
+
+
+def test_a_directory_in_use_is_refused(tmp_path):
+  ckpt = str(tmp_path / "ckpt")
+  lock = long_runs.DirectoryLock(ckpt)
+  assert lock.acquire() is None
+  try:
+    with pytest.raises(SystemExit, match=f"in use by another job: pid {os.getpid()}"):
+      train_sharded.main(LONG + ["--checkpoint-dir", ckpt])
+  finally:
+    lock.release()
+  assert not os.path.exists(os.path.join(ckpt, "job.lock"))
