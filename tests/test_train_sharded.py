@@ -4,12 +4,15 @@ checkpoint, takes the steps of the uninterrupted run; a checkpoint directory
 in use is refused (multi-process runs: tests/test_distributed.py)."""
 
 import glob
+import json
 import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -190,3 +193,52 @@ def test_a_directory_in_use_is_refused(tmp_path):
   finally:
     lock.release()
   assert not os.path.exists(os.path.join(ckpt, "job.lock"))
+
+
+def write_lock(directory, host: str, pid: int, age_s: float = 0.0) -> str:
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, long_runs.DirectoryLock.NAME)
+  with open(path, "w") as f:
+    json.dump({"host": host, "pid": pid, "started": "then", "command": "train"}, f)
+  past = time.time() - age_s
+  os.utime(path, (past, past))
+  return path
+
+
+def test_a_lock_of_an_ended_process_is_taken_over(tmp_path):
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  write_lock(tmp_path, socket.gethostname(), gone.pid)
+  lock = long_runs.DirectoryLock(str(tmp_path))
+  warning = lock.acquire()
+  try:
+    assert f"stale lock {tmp_path}" in warning and f"process {gone.pid}" in warning
+    assert lock.holder()["pid"] == os.getpid()
+  finally:
+    lock.release()
+
+
+def test_a_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
+  write_lock(tmp_path, "elsewhere", 1, age_s=10)
+  with pytest.raises(long_runs.DirectoryLockedError,
+                     match="pid 1 on host elsewhere, started then, alive 10 s ago"):
+    long_runs.DirectoryLock(str(tmp_path)).acquire()
+  write_lock(tmp_path, "elsewhere", 1, age_s=700)
+  lock = long_runs.DirectoryLock(str(tmp_path), stale_after=600)
+  assert "no heartbeat for 700 s" in lock.acquire()
+  lock.release()
+
+
+def test_the_lock_holder_renews_its_heartbeat(tmp_path):
+  lock = long_runs.DirectoryLock(str(tmp_path), heartbeat=0.05)
+  lock.acquire()
+  try:
+    past = time.time() - 1000
+    os.utime(lock.path, (past, past))
+    deadline = time.monotonic() + 10
+    while lock.holder()["age_s"] > 100 and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert lock.holder()["age_s"] < 100
+  finally:
+    lock.release()
+  assert lock.holder() is None
