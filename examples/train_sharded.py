@@ -22,8 +22,11 @@ Each process builds only its own rows of every global batch
 reduced on the mesh into replicated scalars, so every process prints the same
 numbers, and they are those of one process with all the devices. The batch of
 step i depends only on (seed, i), so with `--checkpoint-dir` (orbax: each
-process writes its own shards) a rerun resumes from the latest checkpoint and
-takes exactly the steps the uninterrupted run would have taken.
+process writes its own shards; every 100 steps, at the end, and on SIGTERM,
+after which it exits with status 143) a rerun resumes from the newest
+checkpoint that restores and takes exactly the steps the uninterrupted run
+would have taken. docs/long_runs.md: preemption, broken checkpoints, one job
+per directory, missing or dead processes, processes with other settings.
 
 The mesh has axes ("data", "model"). The batch is split over "data"; the
 hidden layers are tensor-parallel over "model" (the first kernel split by its
