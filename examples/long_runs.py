@@ -7,6 +7,7 @@ pattern for a loop of one's own.
   which process did not arrive and what to check.
 - `check_same_config`: every process was started with the same settings.
 - `DirectoryLock`: one job at a time writes a checkpoint directory.
+- `check_checkpoint_settings`: a resume has the settings its checkpoints had.
 - `restore_newest`: the newest checkpoint that restores; a broken one is
   skipped, said, and kept aside.
 - `Preemption`: SIGTERM (a TPU maintenance event, SLURM's warning before the
@@ -248,6 +249,33 @@ class DirectoryLock:
     if info is not None and info.get("pid") == os.getpid() and (
         info.get("host") == socket.gethostname()):
       os.unlink(self.path)
+
+
+def check_checkpoint_settings(directory: str, settings: dict[str, Any]) -> None:
+  """Exits if `directory`'s checkpoints were written with other `settings`.
+
+  `settings` holds what the saved state depends on (the model, the
+  optimizer, the data split), as JSON values. The first run writes them to
+  ``<directory>/settings.json``; a later one with a difference stops with the
+  names and both values, instead of failing inside orbax with a tree dump or,
+  worse, restoring state of the same shapes into another run.
+  """
+  from etils import epath
+
+  path = epath.Path(directory) / "settings.json"
+  if path.exists():
+    saved = json.loads(path.read_text())
+    differ = [k for k in sorted(set(saved) | set(settings))
+              if saved.get(k) != settings.get(k)]
+    if differ:
+      raise SystemExit(
+          f"error: the checkpoints in {directory} were written with "
+          + ", ".join(f"{k} {saved.get(k)!r}" for k in differ) + "; this run has "
+          + ", ".join(f"{k} {settings.get(k)!r}" for k in differ) + ". Resume with"
+          " the same settings, or give this run another checkpoint directory.")
+  elif jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1, sort_keys=True))
 
 
 def _first_line(error: BaseException) -> str:

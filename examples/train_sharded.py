@@ -363,6 +363,10 @@ def open_checkpoints(args, cleanup: contextlib.ExitStack):
         print(warning, file=sys.stderr, flush=True)
   if local and long_runs.any_process(refused is not None):
     raise SystemExit(f"error: {refused or '--checkpoint-dir is in use by another job'}")
+  # What the saved state and the data split depend on; --steps, the mesh
+  # and the process count may change between runs.
+  long_runs.check_checkpoint_settings(args.checkpoint_dir, {
+      f"--{k}": getattr(args, k) for k in ("method", "polar", "hidden", "seed")})
   manager = train_common.checkpoint_manager(args)
   cleanup.callback(manager.close)
   return manager

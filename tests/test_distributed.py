@@ -274,6 +274,6 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(tmp_path):
   stopped = r0[0]["end_step"]
   assert r1[0]["end_step"] == stopped and 20 <= stopped < 200
   assert r0[0]["losses"] == r1[0]["losses"] and len(r0[0]["losses"]) == stopped
-  assert sorted(os.listdir(ckpt)) == [str(stopped)]  # saved; the lock released
+  assert sorted(os.listdir(ckpt)) == [str(stopped), "settings.json"]  # saved; the lock released
   resumed = train_sharded.main(run[:1] + [str(stopped + 2)] + run[2:])
   assert resumed["start_step"] == stopped and len(resumed["losses"]) == 2

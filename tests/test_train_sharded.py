@@ -143,7 +143,7 @@ def test_sigterm_saves_and_the_rerun_resumes(uninterrupted, tmp_path):
   assert proc.returncode == long_runs.PREEMPTED_EXIT_CODE, text[-3000:]
   stopped = int(re.search(r"preempted \(SIGTERM\) after step (\d+)", text)[1])
   assert 20 <= stopped < 200, text[-3000:]
-  assert sorted(os.listdir(ckpt)) == [str(stopped)]
+  assert sorted(os.listdir(ckpt)) == [str(stopped), "settings.json"]
   # Printed as float32 exactly: the steps before the signal are the reference's.
   printed = re.findall(r"^step (\d+) loss (\S+)$", text, re.M)
   assert printed == [(str(i + 1), f"{x:.9g}") for i, x in
@@ -242,3 +242,16 @@ def test_the_lock_holder_renews_its_heartbeat(tmp_path):
   finally:
     lock.release()
   assert lock.holder() is None
+
+
+def test_a_resume_with_other_settings_names_them(tmp_path):
+  ckpt = str(tmp_path / "ckpt")
+  first = {"--method": "orthonormalize", "--polar": "auto", "--hidden": 16, "--seed": 0}
+  long_runs.check_checkpoint_settings(ckpt, first)
+  long_runs.check_checkpoint_settings(ckpt, first)  # the same: accepted
+  with pytest.raises(SystemExit, match=(
+      f"checkpoints in {ckpt} were written with --hidden 16; this run has"
+      " --hidden 32. Resume with the same settings")):
+    train_sharded.main(LONG[:2] + ["--hidden", "32", "--seed", "0",
+                                   "--checkpoint-dir", ckpt])
+  assert not os.path.exists(os.path.join(ckpt, "job.lock"))  # released
