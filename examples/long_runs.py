@@ -95,7 +95,7 @@ def start_distributed(
     print(f"error: {where}: {message}; {check}.", file=sys.stderr, flush=True)
     os._exit(1)  # jax's own abort would follow and blame a dead task
 
-  if coordinator_address and process_id:
+  if coordinator_address and process_id not in (None, 0):
     # Process 0 serves the coordinator: nothing to wait for there means
     # process 0 is the one missing.
     if not _reachable(coordinator_address, initialization_timeout):
@@ -118,6 +118,11 @@ def start_distributed(
     watchdog.cancel()
 
 
+def digest(value: Any) -> np.int32:
+  """A 32-bit digest of `value`'s repr, as int32 (what jax all-gathers)."""
+  return np.uint32(zlib.crc32(repr(value).encode())).view(np.int32)
+
+
 def check_same_config(config: dict[str, Any]) -> None:
   """Exits on every process if the processes were given different `config`s.
 
@@ -129,7 +134,6 @@ def check_same_config(config: dict[str, Any]) -> None:
   if jax.process_count() == 1:
     return
   names = sorted(config)
-  digest = lambda v: np.uint32(zlib.crc32(repr(v).encode())).view(np.int32)  # noqa: E731
   overall = np.array([digest(names), digest([config[k] for k in names])])
   everyone = multihost_utils.process_allgather(overall)
   if (everyone == overall).all() and (everyone == everyone[0]).all():
@@ -184,12 +188,14 @@ class DirectoryLock:
       info["age_s"] = time.time() - os.stat(self.path).st_mtime
     except FileNotFoundError:
       return None
-    except (OSError, ValueError):  # half-written: its writer died at once
-      return {"host": "?", "pid": -1, "age_s": float("inf")}
+    except (OSError, ValueError):  # damaged: nobody can hold it
+      return {"host": "?", "pid": "?", "age_s": float("inf"), "damaged": True}
     return info
 
   def stale_reason(self, info: dict[str, Any]) -> str | None:
     """Why the lock `info` can be taken over, or None while its job lives."""
+    if info.get("damaged"):
+      return "the file is not a lock"
     if info["age_s"] > self.stale_after:
       return f"no heartbeat for {info['age_s']:.0f} s (> {self.stale_after:.0f} s)"
     if info.get("host") == socket.gethostname():
@@ -219,14 +225,19 @@ class DirectoryLock:
       warning = (f"warning: taking over the stale lock {self.path} of pid"
                  f" {info.get('pid')} on host {info.get('host')}: {reason}")
       os.unlink(self.path)
-    try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:  # another job took it over just now
-      return self.acquire()
-    with os.fdopen(fd, "w") as f:
+    # Written in full, then linked into place: link fails if the name exists
+    # (local file systems and NFS alike), so nobody reads half a lock.
+    draft = f"{self.path}.{socket.gethostname()}.{os.getpid()}"
+    with open(draft, "w") as f:
       json.dump({"host": socket.gethostname(), "pid": os.getpid(),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                  "command": " ".join(sys.argv)}, f)
+    try:
+      os.link(draft, self.path)
+    except FileExistsError:  # another job took it over just now
+      return self.acquire()
+    finally:
+      os.unlink(draft)
     self._stop.clear()
     self._thread = threading.Thread(target=self._beat, daemon=True)
     self._thread.start()
@@ -315,11 +326,11 @@ def restore_newest(manager, target, log=print):
         " written with other settings? Use another --checkpoint-dir to start"
         " afresh.")
   for bad, why in skipped:
+    aside = f"{bad}.unrestorable.{int(time.time())}"
     log(f"warning: checkpoint step {bad} in {manager.directory} does not restore"
-        f" ({why}); skipped, kept as {bad}.unrestorable; resuming from step {step}")
+        f" ({why}); skipped, kept as {aside}; resuming from step {step}")
     if jax.process_index() == 0:
-      (manager.directory / str(bad)).rename(
-          manager.directory / f"{bad}.unrestorable.{int(time.time())}")
+      (manager.directory / str(bad)).rename(manager.directory / aside)
   if skipped:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("restore_newest: renamed")

@@ -488,7 +488,8 @@ def train(args, parser, cleanup: contextlib.ExitStack) -> dict:
         + (f" [{args.polar}, {args.parallel}]" if args.method == "orthonormalize" else "")
         + (f", resumed at step {start}" if start else ""))
   print(f"loss {result['first_loss']:.9g} -> {result['final_loss']:.9g},"
-        f" test accuracy {accuracy:.9g} ({hits}/{n_eval})")
+        + (" not evaluated (preempted)" if preempted
+           else f" test accuracy {accuracy:.9g} ({hits}/{n_eval})"))
   print(f"{result['ms_per_step']:.2f} ms/step (process {jax.process_index()})")
   return result
 

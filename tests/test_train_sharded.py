@@ -255,3 +255,11 @@ def test_a_resume_with_other_settings_names_them(tmp_path):
     train_sharded.main(LONG[:2] + ["--hidden", "32", "--seed", "0",
                                    "--checkpoint-dir", ckpt])
   assert not os.path.exists(os.path.join(ckpt, "job.lock"))  # released
+
+
+def test_a_damaged_lock_is_taken_over(tmp_path):
+  (tmp_path / long_runs.DirectoryLock.NAME).write_text("{trunc")
+  lock = long_runs.DirectoryLock(str(tmp_path))
+  assert "the file is not a lock" in lock.acquire()
+  lock.release()
+  assert os.listdir(tmp_path) == []  # no draft left behind either
