@@ -102,10 +102,15 @@ def start_distributed(
       fail(f"nothing answered at {coordinator_address} within"
            f" {initialization_timeout} s: process 0, which runs the coordinator"
            " there, was not started or is not reachable")
+  if process_id == 0 and num_processes:
+    others = ("process 1" if num_processes == 2
+              else f"not all of processes 1 to {num_processes - 1}")
+    late = (f"{others} did not connect to the coordinator at {address}, which"
+            " this process runs,")
+  else:
+    late = f"not every process connected to the coordinator at {address}"
   watchdog = threading.Timer(initialization_timeout, fail, args=(
-      f"not every process connected to the coordinator at {address} within"
-      f" {initialization_timeout} s"
-      + (": processes 1 to N-1 join process 0 there" if process_id == 0 else ""),))
+      f"{late} within {initialization_timeout} s",))
   watchdog.daemon = True
   watchdog.start()
   try:

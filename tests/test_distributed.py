@@ -247,8 +247,9 @@ def test_a_missing_peer_is_named_within_the_init_timeout(tmp_path):
     assert proc.returncode == 1, text[-3000:]
     assert "DEADLINE_EXCEEDED" not in text and "died" not in text, text[-3000:]
     if i == 0:  # the coordinator: the others did not come
-      assert (f"error: process 0 of 2: not every process connected to the"
-              f" coordinator at {address} within 3 s") in text, text
+      assert (f"error: process 0 of 2: process 1 did not connect to the"
+              f" coordinator at {address}, which this process runs, within 3 s"
+              ) in text, text
     else:  # nobody serves the coordinator: process 0 is missing
       assert (f"error: process 1 of 2: nothing answered at {address} within 3 s:"
               " process 0, which runs the coordinator there, was not started") in text, text
