@@ -85,11 +85,14 @@ def start_distributed(
   where = (f"process {process_id} of {num_processes}" if process_id is not None
            else "this process")
   address = coordinator_address or "the detected coordinator address"
-  check = (f"check that all {num_processes or 'N'} processes were started, each"
-           f" with --coordinator-address {address}, --num-processes"
-           f" {num_processes or 'N'} and its own --process-id, and that the"
-           " address is reachable from every host (firewall, host name,"
-           " interface)")
+  if coordinator_address:
+    check = (f"check that all {num_processes} processes were started, each with"
+             f" --coordinator-address {address}, --num-processes {num_processes}"
+             " and its own --process-id, and that the address is reachable from"
+             " every host (firewall, host name, interface)")
+  else:
+    check = ("check that every host of the job started this command (a worker"
+             " that failed to start, a slice or an allocation not fully up)")
 
   def fail(message: str) -> None:
     print(f"error: {where}: {message}; {check}.", file=sys.stderr, flush=True)
@@ -123,7 +126,7 @@ def start_distributed(
     watchdog.cancel()
 
 
-def digest(value: Any) -> np.int32:
+def _digest(value: Any) -> np.int32:
   """A 32-bit digest of `value`'s repr, as int32 (what jax all-gathers)."""
   return np.uint32(zlib.crc32(repr(value).encode())).view(np.int32)
 
@@ -133,19 +136,20 @@ def check_same_config(config: dict[str, Any]) -> None:
 
   `config` holds what must be shared (seed, model, data, steps, ...): with
   another seed on one process, each would draw other batches and the run
-  would still finish. Compares digests across processes (two tiny
-  collectives) and names each key that differs, with this process's value.
+  would still finish. Compares digests across processes (one tiny collective;
+  a second when they differ) and names each key that differs, with this
+  process's value.
   """
   if jax.process_count() == 1:
     return
   names = sorted(config)
-  overall = np.array([digest(names), digest([config[k] for k in names])])
+  overall = np.array([_digest(names), _digest([config[k] for k in names])])
   everyone = multihost_utils.process_allgather(overall)
-  if (everyone == overall).all() and (everyone == everyone[0]).all():
+  if (everyone == everyone[0]).all():
     return
   if (everyone[:, 0] == everyone[0, 0]).all():  # the same keys: which differ?
     per_key = multihost_utils.process_allgather(
-        np.array([digest(config[k]) for k in names]))
+        np.array([_digest(config[k]) for k in names]))
     differ = [k for j, k in enumerate(names) if (per_key[:, j] != per_key[0, j]).any()]
   else:
     differ = ["the set of settings (another version of the program?)"]

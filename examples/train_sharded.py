@@ -253,8 +253,10 @@ def make_parser() -> argparse.ArgumentParser:
   """The command line; --help states every default."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--method", default="orthonormalize", choices=method_names(),
-                      help="what goes in front of SGD (momentum 0.9, lr"
-                      f" {LR}) (default: %(default)s)")
+                      help="the optimizer: sgd, or orthonormalize or"
+                      " gradient_norm_penalty in front of SGD (momentum 0.9, lr"
+                      f" {LR}); the others are examples/compare.py's, with their"
+                      " own hyperparameters (default: %(default)s)")
   parser.add_argument("--polar", default="auto",
                       choices=["auto", "svd", "gram", "newton_schulz", "polar_express"],
                       help="polar method of --method orthonormalize (default:"
