@@ -10,7 +10,7 @@ pattern for a loop of one's own.
 - `check_checkpoint_settings`: a resume has the settings its checkpoints had.
 - `restore_newest`: the newest checkpoint that restores; a broken one is
   skipped, said, and kept aside.
-- `Preemption`: SIGTERM (a TPU maintenance event, SLURM's warning before the
+- `Preemption`: SIGTERM (a Spot VM being reclaimed, SLURM's warning before the
   time limit) sets a flag; every process sees it at the same step.
 
 Every function that talks to the other processes is a collective: all
@@ -353,9 +353,9 @@ def restore_newest(manager, target, log=print):
 class Preemption:
   """SIGTERM sets a flag; `reached()` is True on every process at once.
 
-  A TPU VM about to be taken for maintenance, SLURM before the time limit
-  (``--signal=TERM@120``) and Kubernetes send SIGTERM, then after a grace
-  period SIGKILL. Use it as a context manager around the loop (it restores
+  A Spot or preemptible cloud VM (TPU VMs included) about to be reclaimed,
+  SLURM at the time limit (earlier with ``--signal=TERM@120``) and Kubernetes
+  send SIGTERM, then after a grace period SIGKILL. Use it as a context manager around the loop (it restores
   the previous handlers on exit) and call `reached()` once per step on every
   process: it all-gathers the flags (a tiny collective), so every process
   stops at the same step, however many got the signal, and saves it.
