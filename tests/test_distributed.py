@@ -3,7 +3,10 @@
 Two processes of 4 CPU devices each (gloo collectives) train the tiny MLP and
 must print, on both processes, exactly the losses and test accuracy of one
 process of 8 devices; a run stopped after a checkpoint and resumed in new
-processes takes exactly the steps of the uninterrupted run.
+processes takes exactly the steps of the uninterrupted run. What goes wrong on
+a pod: SIGTERM to one process stops both after the same step, saved; both skip
+a truncated last step together; processes given different seeds stop before
+training; a process started without its peer names it within --init-timeout.
 
 The one-process reference also runs through `jax.distributed` (one process,
 gloo collectives): the row-parallel layer sums 4 partial products over
@@ -278,3 +281,23 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(tmp_path):
   assert sorted(os.listdir(ckpt)) == [str(stopped), "settings.json"]  # saved; the lock released
   resumed = train_sharded.main(run[:1] + [str(stopped + 2)] + run[2:])
   assert resumed["start_step"] == stopped and len(resumed["losses"]) == 2
+
+
+def test_two_processes_fall_back_from_a_truncated_step_together(runs, tmp_path):
+  from tests.test_train_sharded import corrupt
+
+  ckpt = str(tmp_path / "ckpt")
+  shutil.copytree(runs["ckpt"], ckpt)  # steps 3 and 6
+  corrupt(os.path.join(ckpt, "6"))
+  launch = Launch(2, 4, [TINY + ["--parallel", "layers", "--checkpoint-dir", ckpt]],
+                  str(tmp_path))
+  [(ref, _)] = runs["one"]
+  full = ref[MODES.index("layers")]
+  for i, (res, _) in enumerate(launch.results()):
+    [r] = res
+    assert r["start_step"] == 3, i
+    assert r["losses"] == full["losses"][3:], i
+    text = launch.output(i)
+    assert f"checkpoint step 6 in {ckpt} does not restore" in text, text[-3000:]
+    assert "resuming from step 3" in text
+  assert any(n.startswith("6.unrestorable.") for n in os.listdir(ckpt))
