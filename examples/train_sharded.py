@@ -22,8 +22,11 @@ Each process builds only its own rows of every global batch
 reduced on the mesh into replicated scalars, so every process prints the same
 numbers, and they are those of one process with all the devices. The batch of
 step i depends only on (seed, i), so with `--checkpoint-dir` (orbax: each
-process writes its own shards) a rerun resumes from the latest checkpoint and
-takes exactly the steps the uninterrupted run would have taken.
+process writes its own shards; every 100 steps, at the end, and on SIGTERM,
+after which it exits with status 143) a rerun resumes from the newest
+checkpoint that restores and takes exactly the steps the uninterrupted run
+would have taken. docs/long_runs.md: preemption, broken checkpoints, one job
+per directory, missing or dead processes, processes with other settings.
 
 The mesh has axes ("data", "model"). The batch is split over "data"; the
 hidden layers are tensor-parallel over "model" (the first kernel split by its
@@ -41,6 +44,8 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -78,6 +83,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import long_runs  # noqa: E402
+
 import optax_ortho  # noqa: E402
 
 # ----------------------------------------------------------------- model
@@ -205,11 +212,12 @@ def start_runtime(args, parser) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if jax.distributed.is_initialized():  # main() called again in one program
     return
-  if args.coordinator_address is not None:
-    jax.distributed.initialize(args.coordinator_address, args.num_processes,
-                               args.process_id)
-  elif args.distributed:
-    jax.distributed.initialize()  # TPU pods, SLURM, Open MPI: auto-detected
+  if args.coordinator_address is not None or args.distributed:
+    # With --distributed all three are None: detected (TPU pods, SLURM, MPI).
+    long_runs.start_distributed(
+        args.coordinator_address, args.num_processes, args.process_id,
+        initialization_timeout=args.init_timeout,
+        heartbeat_timeout=args.heartbeat_timeout)
 
 
 def process_rows(sharding: NamedSharding, global_shape) -> slice:
@@ -241,31 +249,53 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
   return np.random.default_rng([seed, step]).integers(0, n, batch_size)
 
 
-def main(argv=None) -> dict:
+def make_parser() -> argparse.ArgumentParser:
+  """The command line; --help states every default."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--method", default="orthonormalize", choices=method_names())
-  parser.add_argument("--polar", default="svd",
-                      choices=["svd", "gram", "auto", "newton_schulz", "polar_express"],
-                      help="polar method of --method orthonormalize")
+  parser.add_argument("--method", default="orthonormalize", choices=method_names(),
+                      help="the optimizer: sgd, or orthonormalize or"
+                      " gradient_norm_penalty in front of SGD (momentum 0.9, lr"
+                      f" {LR}); the others are examples/compare.py's, with their"
+                      " own hyperparameters (default: %(default)s)")
+  parser.add_argument("--polar", default="auto",
+                      choices=["auto", "svd", "gram", "newton_schulz", "polar_express"],
+                      help="polar method of --method orthonormalize (default:"
+                      " %(default)s, the library's)")
   parser.add_argument("--parallel", default="layers", choices=["replicated", "layers"],
                       help="orthonormalize: replicate every polar factor, or"
-                      " compute each once on one device")
+                      " compute each once on one device (default: %(default)s)")
   parser.add_argument("--mesh", type=int, nargs=2, default=None,
                       metavar=("DATA", "MODEL"),
-                      help="mesh shape; default (n/4, 4) on n >= 4 devices")
-  parser.add_argument("--axis-types", default="explicit", choices=["explicit", "auto"])
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--hidden", type=int, default=256)
-  parser.add_argument("--seed", type=int, default=0)
+                      help="mesh shape (default: (n/4, 4) on n >= 4 devices,"
+                      " else (n, 1))")
+  parser.add_argument("--axis-types", default="explicit", choices=["explicit", "auto"],
+                      help="axis type of both mesh axes (default: %(default)s)")
+  parser.add_argument("--steps", type=int, default=300,
+                      help="total training steps, counting those of a resumed"
+                      " checkpoint (default: %(default)s)")
+  parser.add_argument("--batch-size", type=int, default=64,
+                      help="global batch, over all processes (default: %(default)s)")
+  parser.add_argument("--hidden", type=int, default=256,
+                      help="width of both hidden layers (default: %(default)s)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="data split, initialisation and batches; the same"
+                      " on every process (default: %(default)s)")
   parser.add_argument("--log-every", type=int, default=0,
-                      help="print the loss of every N-th step (0: never)")
-  parser.add_argument("--checkpoint-dir", default=None,
-                      help="save params + optimizer state here with orbax (a"
-                      " directory every process can reach), and resume from the"
-                      " latest checkpoint found there")
-  parser.add_argument("--checkpoint-every", type=int, default=0,
-                      help="also save every N steps (0: only at the end)")
+                      help="print the loss of every N-th step, 0: never"
+                      " (default: %(default)s)")
+  long_run = parser.add_argument_group(
+      "long runs", "checkpoints, preemption (SIGTERM: save, then exit with"
+      f" status {long_runs.PREEMPTED_EXIT_CODE}) and the resume; see"
+      " docs/long_runs.md")
+  long_run.add_argument("--checkpoint-dir", default=None,
+                        help="save params + optimizer state here with orbax (a"
+                        " directory every process can reach; one job at a time)"
+                        " and resume from the newest checkpoint there that"
+                        " restores (default: no checkpoints)")
+  long_run.add_argument("--checkpoint-every", type=int, default=100,
+                        help="with --checkpoint-dir, save every N steps as well"
+                        " as at the end and on SIGTERM; 0: only those"
+                        " (default: %(default)s)")
   cluster = parser.add_argument_group(
       "several processes", "every process runs the same command; give either"
       " --distributed or the other three of --coordinator-address,"
@@ -278,11 +308,73 @@ def main(argv=None) -> dict:
   cluster.add_argument("--num-processes", type=int, default=None, metavar="N")
   cluster.add_argument("--process-id", type=int, default=None, metavar="I")
   cluster.add_argument("--local-devices", type=int, default=None, metavar="K",
-                       help="CPU devices per process (default 8; no effect on"
+                       help="CPU devices per process (default: 8; no effect on"
                        " TPU/GPU)")
-  args = parser.parse_args(argv)
-  start_runtime(args, parser)
+  cluster.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                       help="seconds to wait for every process to connect to"
+                       " the coordinator (default: %(default)s)")
+  cluster.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                       help="seconds without a heartbeat after which a process"
+                       " counts as dead and the others abort (default: %(default)s)")
+  return parser
 
+
+def main(argv=None) -> dict:
+  parser = make_parser()
+  args = parser.parse_args(argv)
+  for flag in ("checkpoint_every", "log_every"):
+    if getattr(args, flag) < 0:
+      parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+  for flag in ("init_timeout", "heartbeat_timeout"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+  start_runtime(args, parser)
+  long_runs.check_same_config(shared_config(args))
+  with contextlib.ExitStack() as cleanup:
+    return train(args, parser, cleanup)
+
+
+def shared_config(args) -> dict:
+  """The flags every process must get alike: all but the per-process ones."""
+  own = ("process_id", "local_devices")
+  return {"--" + k.replace("_", "-"): v for k, v in sorted(vars(args).items())
+          if k not in own}
+
+
+def open_checkpoints(args, cleanup: contextlib.ExitStack):
+  """The orbax manager of --checkpoint-dir, locked for this job; or None.
+
+  Process 0 takes the directory's lock (two jobs in one directory overwrite
+  each other's steps); every process learns whether it could.
+  """
+  import train_common  # orbax helpers shared with train_linen.py / train_nnx.py
+
+  if not args.checkpoint_dir:
+    return None
+  refused = None
+  local = "://" not in args.checkpoint_dir  # a bucket has no exclusive create
+  if local and jax.process_index() == 0:
+    lock = long_runs.DirectoryLock(os.path.abspath(args.checkpoint_dir))
+    try:
+      warning = lock.acquire()
+    except long_runs.DirectoryLockedError as e:
+      refused = str(e)
+    else:
+      cleanup.callback(lock.release)
+      if warning:
+        print(warning, file=sys.stderr, flush=True)
+  if local and long_runs.any_process(refused is not None):
+    raise SystemExit(f"error: {refused or '--checkpoint-dir is in use by another job'}")
+  # What the saved state and the data split depend on; --steps, the mesh
+  # and the process count may change between runs.
+  long_runs.check_checkpoint_settings(args.checkpoint_dir, {
+      f"--{k}": getattr(args, k) for k in ("method", "polar", "hidden", "seed")})
+  manager = train_common.checkpoint_manager(args)
+  cleanup.callback(manager.close)
+  return manager
+
+
+def train(args, parser, cleanup: contextlib.ExitStack) -> dict:
   n = jax.device_count()
   shape = tuple(args.mesh) if args.mesh else ((n // 4, 4) if n >= 4 else (n, 1))
   axis_type = AxisType.Explicit if args.axis_types == "explicit" else AxisType.Auto
@@ -297,9 +389,12 @@ def main(argv=None) -> dict:
     return cross_entropy(model.apply(params, x), y)
 
   tx, grads_fn = make_method(args, model, loss_fn)
-  import train_common  # orbax helpers shared with train_linen.py / train_nnx.py
+  import train_common
 
-  manager = train_common.checkpoint_manager(args)
+  manager = open_checkpoints(args, cleanup)
+  # SIGTERM (preemption) saves and stops, but only where there is a place to
+  # save to; otherwise it ends the process as usual.
+  preemption = cleanup.enter_context(long_runs.Preemption()) if manager else None
 
   with jax.set_mesh(mesh):
     batch_sharding = NamedSharding(mesh, P("data"))
@@ -315,11 +410,14 @@ def main(argv=None) -> dict:
     opt_state = jax.jit(tx.init)(params)
     state_shardings = jax.tree.map(lambda a: a.sharding, opt_state)
     start = 0
-    restored = train_common.restore_latest(
-        manager, {"params": params, "opt_state": opt_state})
-    if restored is not None:  # into the shardings of the fresh state
-      start = manager.latest_step()
-      params, opt_state = restored["params"], restored["opt_state"]
+    if manager:
+      # Into the shardings of the fresh state.
+      restored_step, restored = long_runs.restore_newest(
+          manager, {"params": params, "opt_state": opt_state},
+          log=lambda line: print(line, file=sys.stderr, flush=True))
+      if restored is not None:
+        start = restored_step
+        params, opt_state = restored["params"], restored["opt_state"]
 
     # Shardings pinned on the way out, so that every step sees the same input
     # shardings (no recompilation under Auto axes) and the buffers are reused;
@@ -338,6 +436,7 @@ def main(argv=None) -> dict:
         out_shardings=replicated)
 
     times, losses = [], []
+    done, preempted = max(start, args.steps), False
     for i in range(start, args.steps):
       idx = batch_indices(args.seed, i, len(x_train), args.batch_size)
       x = global_batch(batch_sharding, x_train[idx])
@@ -352,16 +451,24 @@ def main(argv=None) -> dict:
         print(f"step {i + 1} loss {losses[-1]:.9g}", flush=True)
       if manager and args.checkpoint_every and (i + 1) % args.checkpoint_every == 0:
         train_common.save(manager, i + 1, {"params": params, "opt_state": opt_state})
+      if preemption and preemption.reached():  # the same step on every process
+        done, preempted = i + 1, True
+        break
     if manager:
-      if manager.latest_step() != max(start, args.steps):
-        train_common.save(manager, max(start, args.steps),
-                          {"params": params, "opt_state": opt_state})
+      if manager.latest_step() != done:
+        train_common.save(manager, done, {"params": params, "opt_state": opt_state})
       manager.wait_until_finished()
-      manager.close()
-    n_eval = len(x_test) - len(x_test) % shape[0]
-    hits = int(correct(params, global_batch(batch_sharding, x_test[:n_eval]),
-                       global_batch(batch_sharding, y_test[:n_eval])))
-    accuracy = hits / n_eval
+    if preempted:  # the grace period is short: no evaluation
+      got = preemption.received
+      print(f"preempted ({signal.Signals(got).name if got else 'another process'})"
+            f" after step {done}: saved it in {args.checkpoint_dir}; rerun the"
+            " same command to resume", flush=True)
+      hits, n_eval = 0, 0
+    else:
+      n_eval = len(x_test) - len(x_test) % shape[0]
+      hits = int(correct(params, global_batch(batch_sharding, x_test[:n_eval]),
+                         global_batch(batch_sharding, y_test[:n_eval])))
+    accuracy = hits / n_eval if n_eval else float("nan")
     kept = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
         jax.tree.leaves(params), jax.tree.leaves(param_shardings)))
 
@@ -370,7 +477,8 @@ def main(argv=None) -> dict:
       "mesh": dict(zip(("data", "model"), shape)), "axis_types": args.axis_types,
       "devices": n, "processes": jax.process_count(),
       "process_index": jax.process_index(), "platform": jax.devices()[0].platform,
-      "start_step": start, "losses": losses,
+      "start_step": start, "end_step": done, "preempted": preempted,
+      "losses": losses,
       "first_loss": losses[0] if losses else float("nan"),
       "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
       "test_accuracy": accuracy,
@@ -382,10 +490,11 @@ def main(argv=None) -> dict:
         + (f" [{args.polar}, {args.parallel}]" if args.method == "orthonormalize" else "")
         + (f", resumed at step {start}" if start else ""))
   print(f"loss {result['first_loss']:.9g} -> {result['final_loss']:.9g},"
-        f" test accuracy {accuracy:.9g} ({hits}/{n_eval})")
+        + (" not evaluated (preempted)" if preempted
+           else f" test accuracy {accuracy:.9g} ({hits}/{n_eval})"))
   print(f"{result['ms_per_step']:.2f} ms/step (process {jax.process_index()})")
   return result
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(long_runs.PREEMPTED_EXIT_CODE if main()["preempted"] else 0)

@@ -3,7 +3,10 @@
 Two processes of 4 CPU devices each (gloo collectives) train the tiny MLP and
 must print, on both processes, exactly the losses and test accuracy of one
 process of 8 devices; a run stopped after a checkpoint and resumed in new
-processes takes exactly the steps of the uninterrupted run.
+processes takes exactly the steps of the uninterrupted run. What goes wrong on
+a pod: SIGTERM to one process stops both after the same step, saved; both skip
+a truncated last step together; processes given different seeds stop before
+training; a process started without its peer names it within --init-timeout.
 
 The one-process reference also runs through `jax.distributed` (one process,
 gloo collectives): the row-parallel layer sums 4 partial products over
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,8 +50,8 @@ def worker(spec: str) -> None:
 
   spec = json.loads(spec)
   results = [train_sharded.main(spec["cluster"] + run) for run in spec["runs"]]
-  keep = ("losses", "test_accuracy", "start_step", "processes",
-          "process_index", "devices", "mesh")
+  keep = ("losses", "test_accuracy", "start_step", "end_step", "preempted",
+          "processes", "process_index", "devices", "mesh")
   print(MARK + json.dumps([{k: r[k] for k in keep} for r in results]), flush=True)
 
 
@@ -59,7 +64,8 @@ def free_port() -> int:
 class Launch:
   """`num_processes` workers of `local_devices` CPU devices each."""
 
-  def __init__(self, num_processes: int, local_devices: int, runs, tmp: str):
+  def __init__(self, num_processes: int, local_devices: int, runs, tmp: str,
+               per_process=None):
     port = free_port()
     self.deadline = time.monotonic() + TIMEOUT_S
     env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1",
@@ -69,25 +75,31 @@ class Launch:
       spec = {"cluster": ["--coordinator-address", f"localhost:{port}",
                           "--num-processes", str(num_processes), "--process-id",
                           str(i), "--local-devices", str(local_devices)],
-              "runs": runs}
+              "runs": [run + (per_process[i] if per_process else []) for run in runs]}
       out = tempfile.TemporaryFile("w+", dir=tmp)
       self.files.append(out)
       self.procs.append(subprocess.Popen(
           [sys.executable, os.path.abspath(__file__), json.dumps(spec)],
           stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env))
 
-  def results(self):
-    """Per process: (its results, its printed lines without timings)."""
+  def output(self, i: int) -> str:
+    """What process `i` printed so far."""
+    self.files[i].seek(0)
+    return self.files[i].read()
+
+  def outputs(self) -> list[str]:
+    """Waits for every process (killed at the deadline); their outputs."""
     try:
       for p in self.procs:
         p.wait(timeout=max(0.0, self.deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
       for p in self.procs:
         p.kill()
-    outputs = []
-    for f in self.files:
-      f.seek(0)
-      outputs.append(f.read())
+    return [self.output(i) for i in range(len(self.procs))]
+
+  def results(self):
+    """Per process: (its results, its printed lines without timings)."""
+    outputs = self.outputs()
     for i, (p, text) in enumerate(zip(self.procs, outputs)):
       assert p.returncode == 0, (
           f"process {i} exited with {p.returncode} (timeout {TIMEOUT_S} s"
@@ -197,3 +209,95 @@ def test_one_process_resumes_a_two_process_checkpoint(runs):
   # Plain collectives here: equal to rounding (see the module docstring).
   np.testing.assert_allclose(r["losses"], ref[layers]["losses"][CHECKPOINT_STEP:],
                              rtol=1e-5)
+
+
+# ------------------------------------------------- what goes wrong on a pod
+
+
+def test_processes_given_different_seeds_stop_with_a_clear_message(tmp_path):
+  # Each would draw its own batches and the run would finish "fine".
+  launch = Launch(2, 4, [TINY], str(tmp_path),
+                  per_process=[["--seed", "0"], ["--seed", "1"]])
+  for i, (p, text) in enumerate(zip(launch.procs, launch.outputs())):
+    assert p.returncode == 1, text[-3000:]
+    assert "started with different --seed;" in text, text[-3000:]
+    assert f"Process {i} has --seed {i}." in text, text[-3000:]
+    assert "step 1 " not in text
+
+
+def alone(process_id: int, tmp: str) -> tuple[subprocess.Popen, str, float]:
+  """Process `process_id` of 2 started without the other one."""
+  address = f"localhost:{free_port()}"
+  out = tempfile.TemporaryFile("w+", dir=tmp)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "examples", "train_sharded.py"),
+       "--coordinator-address", address, "--num-processes", "2", "--process-id",
+       str(process_id), "--local-devices", "4", "--init-timeout", "3"],
+      stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+  proc.out = out
+  return proc, address, time.monotonic()
+
+
+def test_a_missing_peer_is_named_within_the_init_timeout(tmp_path):
+  # jax alone: 300 s of silence, then an abort blaming a task that "died".
+  launches = {i: alone(i, str(tmp_path)) for i in (0, 1)}
+  for i, (proc, address, started) in launches.items():
+    proc.wait(timeout=TIMEOUT_S)
+    took = time.monotonic() - started
+    proc.out.seek(0)
+    text = proc.out.read()
+    assert proc.returncode == 1, text[-3000:]
+    assert "DEADLINE_EXCEEDED" not in text and "died" not in text, text[-3000:]
+    if i == 0:  # the coordinator: the others did not come
+      assert (f"error: process 0 of 2: process 1 did not connect to the"
+              f" coordinator at {address}, which this process runs, within 3 s"
+              ) in text, text
+    else:  # nobody serves the coordinator: process 0 is missing
+      assert (f"error: process 1 of 2: nothing answered at {address} within 3 s:"
+              " process 0, which runs the coordinator there, was not started") in text, text
+    assert "--num-processes 2 and its own --process-id" in text
+    assert took < 120, took  # jax's start-up on a loaded machine, plus 3 s
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest.py)")
+def test_sigterm_to_one_process_stops_every_process_at_one_step(tmp_path):
+  import train_sharded
+
+  ckpt = str(tmp_path / "ckpt")
+  run = ["--steps", "200", "--hidden", "16", "--batch-size", "16", "--log-every", "1",
+         "--checkpoint-dir", ckpt, "--checkpoint-every", "0"]
+  launch = Launch(2, 4, [run], str(tmp_path))
+  while not re.search(r"^step 20 ", launch.output(1), re.M):
+    assert time.monotonic() < launch.deadline and launch.procs[1].poll() is None, (
+        launch.output(1)[-3000:])
+    time.sleep(0.2)
+  launch.procs[1].send_signal(signal.SIGTERM)  # process 0 gets nothing
+  [(r0, _), (r1, _)] = launch.results()
+  assert r0[0]["preempted"] and r1[0]["preempted"]
+  stopped = r0[0]["end_step"]
+  assert r1[0]["end_step"] == stopped and 20 <= stopped < 200
+  assert r0[0]["losses"] == r1[0]["losses"] and len(r0[0]["losses"]) == stopped
+  assert sorted(os.listdir(ckpt)) == [str(stopped), "settings.json"]  # saved; the lock released
+  resumed = train_sharded.main(run[:1] + [str(stopped + 2)] + run[2:])
+  assert resumed["start_step"] == stopped and len(resumed["losses"]) == 2
+
+
+def test_two_processes_fall_back_from_a_truncated_step_together(runs, tmp_path):
+  from tests.test_train_sharded import corrupt
+
+  ckpt = str(tmp_path / "ckpt")
+  shutil.copytree(runs["ckpt"], ckpt)  # steps 3 and 6
+  corrupt(os.path.join(ckpt, "6"))
+  launch = Launch(2, 4, [TINY + ["--parallel", "layers", "--checkpoint-dir", ckpt]],
+                  str(tmp_path))
+  [(ref, _)] = runs["one"]
+  full = ref[MODES.index("layers")]
+  for i, (res, _) in enumerate(launch.results()):
+    [r] = res
+    assert r["start_step"] == 3, i
+    assert r["losses"] == full["losses"][3:], i
+    text = launch.output(i)
+    assert f"checkpoint step 6 in {ckpt} does not restore" in text, text[-3000:]
+    assert "resuming from step 3" in text
+  assert any(n.startswith("6.unrestorable.") for n in os.listdir(ckpt))
