@@ -100,3 +100,27 @@ def test_raw_role_check_counts_each_role():
   rst = _rst_roles()
   found = rst.raw_markup("<p>a :math:<code>x</code> and :func:<code>f</code></p>")
   assert list(found.values()) == [2]
+
+
+def _defaults():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "defaults", ROOT / "examples" / "defaults.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_learning_rate_table_of_the_docs_is_the_examples_table():
+  """docs/getting_started.md prints examples/defaults.py's table, row for row."""
+  page = (ROOT / "docs" / "getting_started.md").read_text()
+  section = page[page.index("## Learning rates"):]
+  section = section[:section.index("\n## ")]
+  rows = re.findall(r"^\| `(\w+)` \|[^|]*\| \**([0-9.e-]+)\**", section, re.M)
+  assert {name: float(lr) for name, lr in rows} == _defaults().LEARNING_RATE
+
+
+def test_the_first_snippet_uses_the_table():
+  snippet = BLOCK.findall((ROOT / "docs" / "index.md").read_text())[0]
+  rate = _defaults().LEARNING_RATE["orthogonal_sgd"]
+  assert f"orthonormalize(), optax.sgd({rate}, momentum=0.9)" in snippet
