@@ -157,9 +157,8 @@ def register(name: str, method: Method) -> None:
 
 LR = defaults.LEARNING_RATE
 MOMENTUM = defaults.MOMENTUM
-SGD_LR, ADAM_LR = LR["sgd"], LR["adam"]
 
-register("sgd", Method(lambda: optax.sgd(SGD_LR, momentum=MOMENTUM), "sgd",
+register("sgd", Method(lambda: optax.sgd(LR["sgd"], momentum=MOMENTUM), "sgd",
                        description=f"SGD with momentum {MOMENTUM}"))
 register("orthogonal_sgd", Method(
     lambda: optax_ortho.orthogonal_sgd(LR["orthogonal_sgd"], momentum=MOMENTUM), "sgd",
@@ -169,7 +168,7 @@ for _polar in ("svd", "newton_schulz", "polar_express"):
       lambda m=_polar: optax_ortho.orthogonal_sgd(LR["orthogonal_sgd"],
                                                 momentum=MOMENTUM, method=m),
       "sgd", description=f"orthonormalised gradients ({_polar}) + SGD momentum"))
-register("adam", Method(lambda: optax.adam(ADAM_LR), "adam", description="Adam"))
+register("adam", Method(lambda: optax.adam(LR["adam"]), "adam", description="Adam"))
 register("orthogonal_adam", Method(
     lambda: optax_ortho.orthogonal_adam(LR["orthogonal_adam"]), "adam",
     description="orthonormalised gradients (auto polar) + Adam"))
