@@ -1,18 +1,26 @@
-"""Docs-side conversion of reST roles in docstrings to what mkdocstrings renders.
+"""Docs-side conversion of reST markup in docstrings to what mkdocstrings renders.
 
 The library's docstrings use reST roles (`:math:`, `:func:`, `:class:`,
-`.. math::` blocks) that mkdocstrings' Markdown shows literally. This griffe
-extension (mkdocs.yml: mkdocstrings' `extensions`) rewrites each docstring
-before it is parsed, without touching the modules:
+`.. math::` blocks), reST links and doctest `Example:` sections that
+mkdocstrings' Markdown shows literally (a doctest's `>>>` becomes three nested
+blockquotes). This griffe extension (mkdocs.yml: mkdocstrings' `extensions`)
+rewrites each docstring before it is parsed, without touching the modules:
 
 - ``:math:`x` `` -> `\\(x\\)` (pymdownx.arithmatex, MathJax);
 - a `.. math::` block -> a `$$ ... $$` display (in `aligned` when it uses `&`
   or a line break);
 - ``:func:`x` ``, ``:class:`x` ``, ... -> an autorefs link `[`x`][x]` when `x`
-  is on the API page (`docs/api.md`), else inline code; `~a.b.c` shows `c`.
+  is on the API page (`docs/api.md`), else inline code; `~a.b.c` shows `c`;
+- a reST link `` `Title <url>`_ `` -> the Markdown link `[Title](url)`;
+- a wrapped line that starts with `>` joins the line before it (Markdown
+  would open a blockquote);
+- an `Example:` section heading -> `Examples:`, the Google-style section
+  whose `>>>` lines griffe renders as highlighted code blocks (a docstring
+  already saying `Examples:` is left as it is).
 
 `python docs_hooks/rst_roles.py SITE_DIR` checks a built site: it exits 1 and
-lists the pages that still show a raw role.
+lists the pages that still show raw reST (a role, a math block, a reST link) or
+a doctest rendered as text.
 """
 
 from __future__ import annotations
@@ -26,10 +34,23 @@ _XREF_ROLES = "func|class|meth|mod|attr|obj|exc|data|const|type"
 INLINE_MATH = re.compile(r":math:`([^`]+)`")
 XREF = re.compile(rf":(?:py:)?(?:{_XREF_ROLES}):`(~?)([^`]+)`")
 MATH_BLOCK = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*(?P<first>.*)$")
-# What a raw role looks like in HTML once Markdown has turned its backticks into
-# <code>: `:math:<code>x</code>` (or the backtick itself if it survived).
+# A reST hyperlink, possibly over several lines: `Title <https://...>`_ .
+RST_LINK = re.compile(r"`([^`<]*?)\s*<([^<>`\s]+)>`__?")
+# Docstrings are dedented before extensions see them: a section heading is at
+# column 0.
+EXAMPLE_HEADING = re.compile(r"^Example:[ \t]*$", re.M)
+# What raw reST looks like in HTML once Markdown has turned its backticks into
+# <code>: `:math:<code>x</code>` (or the backtick itself if it survived), and a
+# link's `<code>Title &lt;url&gt;</code>_`.
 RAW_ROLE_HTML = re.compile(
-    rf":(?:py:)?(?:math|{_XREF_ROLES}):(?:<code>|`)|\.\. math::")
+    rf":(?:py:)?(?:math|{_XREF_ROLES}):(?:<code>|`)|\.\. math::|&gt;(?:</code>|`)__?")
+# A wrapped line that starts with `>` (`$x\n> 0$`) opens a Markdown blockquote.
+QUOTE_LINE = re.compile(r"(?<=\S)\n[ \t]*(?=>(?!>>))")
+# A doctest that Markdown took for text: `>>>` opens three nested blockquotes
+# (or, escaped, stays as `&gt;&gt;&gt;` outside a code element). The docs
+# pages have no blockquote of their own, so any is a docstring line gone wrong.
+CODE_HTML = re.compile(r"<pre\b.*?</pre>|<code\b.*?</code>", re.S)
+DOCTEST_AS_TEXT_HTML = re.compile(r"<blockquote>|&gt;&gt;&gt;")
 
 
 def api_identifiers(api_page: pathlib.Path = ROOT / "docs" / "api.md") -> set[str]:
@@ -91,16 +112,32 @@ def convert(text: str, targets: set[str] | None = None) -> str:
   targets = api_identifiers() if targets is None else targets
   text = _math_blocks(text)
   text = INLINE_MATH.sub(lambda m: f"\\({m.group(1)}\\)", text)
+  text = RST_LINK.sub(_link, text)
+  text = EXAMPLE_HEADING.sub("Examples:", text)
+  text = QUOTE_LINE.sub(" ", text)
   return XREF.sub(lambda m: _xref(m, targets), text)
 
 
-def raw_roles(site: pathlib.Path) -> dict[str, int]:
-  """Pages of a built site that show a raw role, with the number of hits."""
+def _link(match: re.Match) -> str:
+  title, url = match.groups()
+  return f"[{' '.join(title.split()) or url}]({url})"
+
+
+def raw_markup(html: str) -> dict[str, int]:
+  """Raw reST and doctests-as-text in one page's HTML, counted by kind."""
+  counts = {"raw reST role, math block or link": len(RAW_ROLE_HTML.findall(html)),
+            "doctest or `>` line rendered as text (blockquote)": len(
+                DOCTEST_AS_TEXT_HTML.findall(CODE_HTML.sub("", html)))}
+  return {kind: n for kind, n in counts.items() if n}
+
+
+def raw_roles(site: pathlib.Path) -> dict[str, dict[str, int]]:
+  """Pages of a built site that show raw markup (`raw_markup`), with the hits."""
   hits = {}
   for page in sorted(site.rglob("*.html")):
-    n = len(RAW_ROLE_HTML.findall(page.read_text(errors="replace")))
-    if n:
-      hits[str(page.relative_to(site))] = n
+    found = raw_markup(page.read_text(errors="replace"))
+    if found:
+      hits[str(page.relative_to(site))] = found
   return hits
 
 
@@ -141,10 +178,11 @@ def main(argv: list[str]) -> int:
     print(f"no HTML pages under {site}: build the site first", file=sys.stderr)
     return 2
   hits = raw_roles(site)
-  for page, n in hits.items():
-    print(f"{page}: {n} raw reST role(s) (:math:, :func:, ... or .. math::)",
-          file=sys.stderr)
-  print(f"checked {len(pages)} pages: {sum(hits.values())} raw roles")
+  for page, found in hits.items():
+    for kind, n in found.items():
+      print(f"{page}: {n} x {kind}", file=sys.stderr)
+  total = sum(n for found in hits.values() for n in found.values())
+  print(f"checked {len(pages)} pages: {total} raw reST or doctest-as-text hits")
   return 1 if hits else 0
 
 

@@ -6,7 +6,8 @@
 Trains examples/compare.py's CNN three ways with SGD + momentum: plainly, with
 OPT layers (W = Q(R) V, V fixed, Q by the Cayley map), and with OPT layers whose
 Q is trained directly on the orthogonal group by `optax_ortho.stiefel_sgd` (the
-paper's OGD). Records the hyperspherical energy of each layer's neurons every
+paper's OGD), at the learning rates of examples/defaults.py (sgd, opt_sgd,
+stiefel_sgd: 0.05, 1.0, 0.05). Records the hyperspherical energy of each layer's neurons every
 `--energy-every` steps, prints a table and writes `energy.png` and
 `opt_results.json` into `--out`. OPT's point (Liu et al., CVPR 2021): the
 energy of its layers stays at the value of the random initialisation, which is
@@ -33,21 +34,22 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
+import defaults  # noqa: E402
 
 import optax_ortho  # noqa: E402  (compare puts the repository on sys.path)
 from optax_ortho import linen as ortho_nn  # noqa: E402
 
-LR = compare.SGD_LR
-
+LR, MOMENTUM = defaults.LEARNING_RATE, defaults.MOMENTUM
 
 VARIANTS = {
-    "plain": (compare.CNN, lambda: optax.sgd(LR, momentum=0.9)),
+    "plain": (compare.CNN, lambda: optax.sgd(LR["sgd"], momentum=MOMENTUM)),
     "opt_cayley": (lambda: compare.OPTCNN(method="cayley"),
-                   lambda: compare.trainable_only(optax.sgd(LR, momentum=0.9))),
+                   lambda: compare.trainable_only(
+                       optax.sgd(LR["opt_sgd"], momentum=MOMENTUM))),
     # R is Q itself, an orthogonal matrix moved along the manifold.
     "opt_ogd": (lambda: compare.OPTCNN(method=None),
                 lambda: compare.trainable_only(optax_ortho.stiefel_sgd(
-                    LR, momentum=0.9,
+                    LR["stiefel_sgd"], momentum=MOMENTUM,
                     mask=compare.stiefel_mask))),
 }
 
@@ -132,13 +134,15 @@ def plot(runs, out):
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=defaults.HelpFormatter)
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                      choices=list(VARIANTS))
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--energy-every", type=int, default=20)
-  parser.add_argument("--out", default="out")
+                      choices=list(VARIANTS), help="networks and optimizers to train")
+  parser.add_argument("--steps", type=int, default=300, help="training steps")
+  parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
+  parser.add_argument("--energy-every", type=int, default=20,
+                      help="steps between energy measurements")
+  parser.add_argument("--out", default="out", help="output folder")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   data = compare.load_digits_split()

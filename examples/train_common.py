@@ -16,6 +16,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
+import defaults  # noqa: E402
 import models  # noqa: E402
 
 import optax_ortho  # noqa: E402
@@ -30,44 +31,54 @@ OPTIMIZERS = {
     "gnp": (("gnp",), "sgd"),
     "gnp_orthogonal_sgd": (("gnp", "orthonormalize"), "sgd"),
 }
-DEFAULT_LR = {"sgd": 0.05, "adam": 3e-3}
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=description)
-  p.add_argument("--dataset", default="digits", choices=data.NAMES)
+  p = argparse.ArgumentParser(description=description,
+                              formatter_class=defaults.HelpFormatter)
+  p.add_argument("--dataset", default="digits", choices=data.NAMES, help="data set")
   p.add_argument("--data-dir", default=None,
                  help="TFDS data directory (default: $TFDS_DATA_DIR or"
                       " ~/tensorflow_datasets)")
   p.add_argument("--model", default=None, choices=sorted(models.LINEN),
-                 help="default: mlp for diabetes, resnet20 for cifar10,"
-                      " cnn_bn otherwise")
+                 help="network (default: mlp for diabetes, resnet20 for cifar10,"
+                      " cnn_bn otherwise)")
   p.add_argument("--optimizer", default="orthogonal_sgd",
-                 choices=sorted(OPTIMIZERS))
+                 choices=sorted(OPTIMIZERS),
+                 help="library transforms in front of SGD (momentum) or Adam")
   p.add_argument("--polar-method", default="auto",
-                 help="orthonormalize's method (auto, svd, gram, newton_schulz,"
-                      " polar_express)")
+                 choices=["auto", "svd", "gram", "newton_schulz", "polar_express"],
+                 help="orthonormalize's method")
+  rates = ", ".join(f"{name} {defaults.LEARNING_RATE[name]:g}" for name in OPTIMIZERS)
   p.add_argument("--lr", type=float, default=None,
-                 help="learning rate (default 0.05 for SGD, 3e-3 for Adam)")
-  p.add_argument("--momentum", type=float, default=0.9)
-  p.add_argument("--weight-decay", type=float, default=0.0)
+                 help=f"learning rate (default: per optimizer, from"
+                      f" examples/defaults.py: {rates})")
+  p.add_argument("--momentum", type=float, default=defaults.MOMENTUM,
+                 help="SGD's momentum (0: none)")
+  p.add_argument("--weight-decay", type=float, default=0.0,
+                 help="decoupled weight decay added to the update")
   p.add_argument("--cosine", action="store_true",
                  help="cosine decay of the learning rate to 0 over --steps")
-  p.add_argument("--gnp-alpha", type=float, default=0.8)
-  p.add_argument("--gnp-radius", type=float, default=0.05)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--eval-every", type=int, default=50)
+  p.add_argument("--gnp-alpha", type=float, default=defaults.GNP_ALPHA,
+                 help="gradient_norm_penalty's alpha (1: SAM)")
+  p.add_argument("--gnp-radius", type=float, default=defaults.GNP_RADIUS,
+                 help="gradient_norm_penalty's radius")
+  p.add_argument("--steps", type=int, default=300, help="training steps")
+  p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+  p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+  p.add_argument("--eval-every", type=int, default=50,
+                 help="steps between test evaluations")
   p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                  default=None, help="random crops and flips (default: on for"
                  " cifar10)")
   p.add_argument("--max-train", type=int, default=None,
-                 help="use only the first N training examples")
-  p.add_argument("--max-test", type=int, default=None)
+                 help="use only the first N training examples (default: all)")
+  p.add_argument("--max-test", type=int, default=None,
+                 help="use only the first N test examples (default: all)")
   p.add_argument("--checkpoint-dir", default=None,
                  help="save params + optimizer state here with orbax, and"
-                      " resume from the latest checkpoint found there")
+                      " resume from the latest checkpoint found there"
+                      " (default: no checkpoints)")
   p.add_argument("--checkpoint-every", type=int, default=0,
                  help="also save every N steps (0: only at the end)")
   return p
@@ -78,9 +89,15 @@ def parse(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
   args.model = args.model or models.default_model(args.dataset)
   if args.augment is None:
     args.augment = args.dataset == "cifar10"
-  base = OPTIMIZERS[args.optimizer][1]
-  args.lr = DEFAULT_LR[base] if args.lr is None else args.lr
+  if args.lr is None:
+    args.lr = defaults.LEARNING_RATE[args.optimizer]
   return args
+
+
+def describe(args) -> str:
+  """The optimizer and the learning rate it uses, for the scripts' output."""
+  schedule = f", cosine decay over {args.steps} steps" if args.cosine else ""
+  return f"{args.optimizer} (learning rate {args.lr:g}{schedule})"
 
 
 def make_optimizer(args, *, gnp_has_aux: bool) -> optax.GradientTransformation:

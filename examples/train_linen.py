@@ -3,7 +3,7 @@
     python examples/train_linen.py                                   # digits, CNN+BN
     python examples/train_linen.py --optimizer gnp_orthogonal_sgd --steps 500
     python examples/train_linen.py --dataset cifar10 --steps 64000 --batch-size 128 \\
-        --lr 0.1 --weight-decay 1e-4 --cosine --checkpoint-dir ckpt/resnet20
+        --lr 0.01 --weight-decay 1e-4 --cosine --checkpoint-dir ckpt/resnet20
 
 A `flax.training.train_state.TrainState` with BatchNorm statistics. The loss
 returns the new statistics (and the logits) as auxiliary output, so:
@@ -16,6 +16,10 @@ returns the new statistics (and the logits) as auxiliary output, so:
 step with orbax, and a rerun resumes from the latest checkpoint: the batch of
 step i depends only on (seed, i), so the resumed run takes exactly the steps
 the uninterrupted run would have taken.
+
+Learning rates default per optimizer (examples/defaults.py: orthogonal_sgd
+0.005, a tenth of plain SGD's 0.05); on CIFAR-10 above, 0.01 is a tenth of
+plain SGD's 0.1 for ResNet-20.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ def checkpoint_tree(state: TrainState) -> dict:
 def main(argv=None) -> dict:
   args = common.parse(common.parser(__doc__.split("\n\n")[0]), argv)
   ds = common.load_data(args)
+  print(f"{args.dataset} {args.model}: {common.describe(args)}")
   state = create_state(args, ds)
   manager = common.checkpoint_manager(args)
   restored = common.restore_latest(manager, checkpoint_tree(state))
@@ -140,7 +145,7 @@ def main(argv=None) -> dict:
     manager.wait_until_finished()
     manager.close()
   final = evaluate(state, ds)
-  print(f"{args.dataset} {args.model} {args.optimizer}: step {int(state.step)},"
+  print(f"{args.dataset} {args.model} {common.describe(args)}: step {int(state.step)},"
         f" {common.metric_name(ds)} {final:.4f}")
   return {"state": state, "history": history, common.metric_name(ds): final}
 

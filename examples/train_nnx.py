@@ -3,7 +3,7 @@
     python examples/train_nnx.py                                     # digits, CNN+BN
     python examples/train_nnx.py --optimizer gnp_orthogonal_sgd --steps 500
     python examples/train_nnx.py --dataset cifar10 --model resnet20 --steps 64000 \\
-        --batch-size 128 --lr 0.1 --weight-decay 1e-4 --cosine --checkpoint-dir ckpt/nnx
+        --batch-size 128 --lr 0.01 --weight-decay 1e-4 --cosine --checkpoint-dir ckpt/nnx
 
 `nnx.Optimizer(model, tx, wrt=nnx.Param)` with `tx` a chain holding
 `optax_ortho.orthonormalize` (and `gradient_norm_penalty` for `--optimizer
@@ -15,6 +15,10 @@ gradient norm penalty runs on a copy of the model built from pure arrays
 `--checkpoint-dir` saves `nnx.state(model)` (params and BatchNorm statistics)
 and `nnx.state(optimizer)` (step and optimizer state) with orbax, and a rerun
 resumes from the latest checkpoint to the identical next step.
+
+Learning rates default per optimizer (examples/defaults.py: orthogonal_sgd
+0.005, a tenth of plain SGD's 0.05); on CIFAR-10 above, 0.01 is a tenth of
+plain SGD's 0.1 for ResNet-20.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ def checkpoint_tree(model, optimizer) -> dict:
 def main(argv=None) -> dict:
   args = common.parse(common.parser(__doc__.split("\n\n")[0]), argv)
   ds = common.load_data(args)
+  print(f"{args.dataset} nnx {args.model}: {common.describe(args)}")
   model, optimizer = create(args, ds)
   manager = common.checkpoint_manager(args)
   restored = common.restore_latest(manager, checkpoint_tree(model, optimizer))
@@ -124,7 +129,7 @@ def main(argv=None) -> dict:
     manager.wait_until_finished()
     manager.close()
   final = evaluate(model, ds)
-  print(f"{args.dataset} nnx {args.model} {args.optimizer}: step {step},"
+  print(f"{args.dataset} nnx {args.model} {common.describe(args)}: step {step},"
         f" {common.metric_name(ds)} {final:.4f}")
   return {"model": model, "optimizer": optimizer, "history": history,
           common.metric_name(ds): final}

@@ -44,6 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import optax_ortho  # noqa: E402
 from optax_ortho import regularizers  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import defaults  # noqa: E402
+
 METHODS = ("fine_tune", "l2_sp", "l2_sp+grod", "distill", "distill+grod")
 
 
@@ -111,7 +114,7 @@ def make_fine_tuner(model, method: str, lr: float, l2_sp_weight: float,
   reg_kind = "distill" if method.startswith("distill") else "l2_sp"
   weight = distill_weight if reg_kind == "distill" else l2_sp_weight
   use_grod = method.endswith("+grod")
-  sgd = optax.sgd(lr, momentum=0.9)
+  sgd = optax.sgd(lr, momentum=defaults.MOMENTUM)
   tx = optax.chain(optax_ortho.grod(weight), sgd) if use_grod else sgd
 
   def losses(params, source, teacher, x, y):
@@ -246,18 +249,26 @@ def plot(runs: list[dict], methods, path: str) -> None:
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-  parser.add_argument("--seeds", type=int, default=5)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=defaults.HelpFormatter)
+  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                      help="fine-tuning methods to compare")
+  parser.add_argument("--seeds", type=int, default=5, help="seeds per method")
   parser.add_argument("--shots", type=int, default=10,
                       help="labelled images per target class")
-  parser.add_argument("--pretrain-steps", type=int, default=400)
+  parser.add_argument("--pretrain-steps", type=int, default=400,
+                      help="pre-training steps on digits 0-4")
   parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
-  parser.add_argument("--lr", type=float, default=0.02)
-  parser.add_argument("--l2-sp-weight", type=float, default=0.1)
-  parser.add_argument("--distill-weight", type=float, default=0.1)
-  parser.add_argument("--eval-every", type=int, default=10)
-  parser.add_argument("--out", default="out")
+  parser.add_argument("--lr", type=float, default=defaults.LEARNING_RATE["fine_tune"],
+                      help="fine-tuning learning rate (SGD, momentum"
+                           f" {defaults.MOMENTUM})")
+  parser.add_argument("--l2-sp-weight", type=float, default=0.1,
+                      help="L2-SP's weight lambda")
+  parser.add_argument("--distill-weight", type=float, default=0.1,
+                      help="feature distillation's weight mu")
+  parser.add_argument("--eval-every", type=int, default=10,
+                      help="steps between test evaluations")
+  parser.add_argument("--out", default="out", help="output folder")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
 

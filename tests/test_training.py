@@ -119,7 +119,10 @@ def test_linen_and_nnx_models_match_in_size(name):
   x = np.ones((2, 32, 32, 3), np.float32)
   variables = models.LINEN[name](10).init(jax.random.key(0), x)
   nnx_model = models.NNX[name]((32, 32, 3), 10, rngs=nnx.Rngs(0))
-  size = lambda tree: sum(a.size for a in jax.tree.leaves(tree))
+
+  def size(tree):
+    return sum(a.size for a in jax.tree.leaves(tree))
+
   assert size(variables["params"]) == size(nnx.state(nnx_model, nnx.Param))
   assert nnx_model(x).shape == (2, 10)
   if name == "resnet20":
