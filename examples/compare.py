@@ -219,6 +219,13 @@ register("gnp", Method(
     "sgd", grads=gnp_grads,
     description=f"gradient norm penalty (alpha {GNP_ALPHA}, radius {GNP_RADIUS})"
                 " + SGD momentum", panel="gradient norm penalty and SAM"))
+register("gnp[refresh5]", Method(
+    lambda: optax.chain(
+        optax_ortho.gradient_norm_penalty(GNP_ALPHA, GNP_RADIUS, refresh_every=5),
+        optax.sgd(LR["gnp"], momentum=MOMENTUM)),
+    "sgd", grads=gnp_grads,
+    description=f"gradient norm penalty (alpha {GNP_ALPHA}, radius {GNP_RADIUS}), second"
+                " gradient every 5th step + SGD momentum", panel="gradient norm penalty and SAM"))
 register("sam", Method(
     lambda: optax.contrib.sam(
         optax.sgd(LR["sam"], momentum=MOMENTUM),

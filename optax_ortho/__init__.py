@@ -8,6 +8,8 @@ from optax_ortho._src.flax_dims import flax_dimension_numbers
 from optax_ortho._src.gal import GalState
 from optax_ortho._src.gal import gal
 from optax_ortho._src.gal import gal_value_and_grad
+from optax_ortho._src.gnp import GradientNormPenaltyState
+from optax_ortho._src.gnp import gnp_perturbed_params
 from optax_ortho._src.gnp import gradient_norm_penalty
 from optax_ortho._src.grod import GrodState
 from optax_ortho._src.grod import grod
@@ -28,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GalState",
+    "GradientNormPenaltyState",
     "GrodState",
     "OrthonormalizeState",
     "StiefelSGDState",
@@ -35,6 +38,7 @@ __all__ = [
     "gal",
     "flax_dimension_numbers",
     "gal_value_and_grad",
+    "gnp_perturbed_params",
     "gradient_norm_penalty",
     "grod",
     "hyperspherical_energy",
