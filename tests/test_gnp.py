@@ -10,10 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import optax_ortho
-from tests.contract import ContractCase, contract_suite
+from optax_ortho._src.gnp import gnp_perturbed_params
+from tests.contract import ContractCase
+from tests.contract import contract_suite
 
 gnp = optax_ortho.gradient_norm_penalty
 
@@ -230,7 +233,8 @@ def test_ignores_extra_args_of_other_transforms():
 
 def test_bfloat16_in_bfloat16_out():
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
-  loss = lambda p: _loss(jax.tree.map(lambda x: x.astype(jnp.float32), p))
+  def loss(p):
+    return _loss(jax.tree.map(lambda x: x.astype(jnp.float32), p))
   grads = jax.grad(loss)(params)
   tx = gnp()
   out, _ = tx.update(grads, tx.init(params), params, grad_fn=jax.grad(loss))
@@ -282,6 +286,302 @@ def test_mismatched_structures():
 def test_bad_hyperparameters(kwargs, error, match):
   with pytest.raises(error, match=match):
     gnp(**kwargs)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (0, ValueError, "refresh_every must be a positive Python int, got 0"),
+    (2.0, ValueError, "refresh_every"),
+    (jnp.ones(2, jnp.int32), TypeError, "refresh_every must be a positive int"),
+    (jnp.float32(2.0), TypeError, "refresh_every"),
+])
+def test_bad_refresh_every(bad, error, match):
+  with pytest.raises(error, match=match):
+    gnp(refresh_every=bad)
+
+
+def test_missing_grad_fn_names_where_to_pass_it():
+  params = _params()
+  g1 = jax.grad(_loss)(params)
+  tx = gnp()
+  with pytest.raises(ValueError, match=r"optax_ortho\.apply_gradients") as err:
+    tx.update(g1, tx.init(params), params)
+  assert "optimizer.update(model, grads, grad_fn=grad_fn)" in str(err.value)
+  with pytest.raises(ValueError, match="not both"):
+    tx.update(g1, tx.init(params), params, grad_fn=jax.grad(_loss), perturbed_grads=g1)
+  with pytest.raises(ValueError, match=r"perturbed_grads\['w'\] has shape"):
+    tx.update(g1, tx.init(params), params, perturbed_grads={"b": g1["b"], "w": g1["b"]})
+
+
+def test_state_checked_against_the_gradients():
+  params = _params()
+  g1 = jax.grad(_loss)(params)
+  with pytest.raises(TypeError, match="GradientNormPenaltyState"):
+    gnp().update(g1, optax.EmptyState(), params, grad_fn=jax.grad(_loss))
+  with pytest.raises(ValueError, match="made with refresh_every=1"):
+    gnp(refresh_every=3).update(g1, gnp().init(params), params, grad_fn=jax.grad(_loss))
+  with pytest.raises(ValueError, match="made with refresh_every > 1"):
+    gnp().update(g1, gnp(refresh_every=3).init(params), params, grad_fn=jax.grad(_loss))
+  tx = gnp(refresh_every=3)
+  other = tx.init({"w": jnp.ones((2, 4)), "b": params["b"]})
+  with pytest.raises(ValueError, match=r"state\.orthogonal\['w'\] has shape \(2, 4\)"):
+    tx.update(g1, other, params, grad_fn=jax.grad(_loss))
+
+
+# ------------------------------------------------------------ refresh_every
+
+
+def _counting_grad_fn(calls):
+  def grad_fn(p):
+    jax.debug.callback(lambda: calls.append(1))
+    return jax.grad(_loss)(p)
+  return grad_fn
+
+
+def test_refresh_steps_are_exact_and_only_they_call_grad_fn():
+  k, steps = 3, 7
+  tx, exact_tx = gnp(0.8, 0.1, refresh_every=k), gnp(0.8, 0.1)
+  calls = []
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=_counting_grad_fn(calls)))
+  params, state = _params(1), tx.init(_params(1))
+  for i in range(steps):
+    g1 = jax.grad(_loss)(params)
+    out, state = step(g1, state, params)
+    jax.effects_barrier()
+    exact = _apply(exact_tx, params)
+    close = all(np.allclose(out[n], exact[n], rtol=1e-5, atol=1e-6) for n in params)
+    assert close == (i % k == 0) or i % k != 0, i
+    if i % k == 0:
+      assert close, i
+    params = jax.tree.map(lambda p, u: p - 0.05 * u, params, out)
+  assert len(calls) == len(range(0, steps, k))
+  assert step._cache_size() == 1  # one trace, the branch chosen at run time
+
+
+def test_reuse_is_exact_on_a_quadratic_along_the_same_direction():
+  # L = 0.5 w.A w: g2 - g1 = r A u exactly, so a reused step whose g1 has the
+  # refresh step's direction (another norm) equals the exact two-point step.
+  def loss(p):
+    w = p["w"].reshape(-1)
+    return 0.5 * w @ (jnp.asarray(_A, jnp.float32) @ w) + 0.1 * jnp.sum(p["b"] ** 2)
+  params = _params(2)
+  g1 = jax.grad(loss)(params)
+  radius = optax.linear_schedule(0.1, 0.3, transition_steps=1)  # reuse uses its own radius
+  tx = gnp(0.7, radius, refresh_every=2)
+  _, state = tx.update(g1, tx.init(params), params, grad_fn=jax.grad(loss))
+  far = jax.tree.map(lambda p: 3.0 * p, params)  # the gradient scales by 3
+  g_far = jax.grad(loss)(far)
+  reused, _ = tx.update(g_far, state, far, grad_fn=jax.grad(loss))
+  exact, _ = gnp(0.7, 0.3).update(g_far, gnp().init(far), far, grad_fn=jax.grad(loss))
+  for n in params:
+    np.testing.assert_allclose(reused[n], exact[n], rtol=1e-5, atol=1e-5)
+
+
+def test_reuse_keeps_the_orthogonal_part_and_follows_the_new_gradient():
+  params = _params(4)
+  tx = gnp(1.0, 0.2, refresh_every=2)
+  g1 = jax.grad(_loss)(params)
+  _, state = tx.update(g1, tx.init(params), params, grad_fn=jax.grad(_loss))
+  w = state.orthogonal
+  unit = jax.tree.map(lambda g: g / optax.tree.norm(g1), g1)
+  assert abs(float(optax.tree.vdot(w, unit))) < 1e-5 * float(optax.tree.norm(w))
+  g_new = jax.tree.map(lambda g: g + 1.0, g1)
+  out, state2 = tx.update(g_new, state, params, grad_fn=jax.grad(_loss))
+  u_new = jax.tree.map(lambda g: g / optax.tree.norm(g_new), g_new)
+  ref = jax.tree.map(lambda g, u, o: g + 0.2 * (state.parallel * u + o), g_new, u_new, w)
+  for n in params:
+    np.testing.assert_allclose(out[n], ref[n], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(state2.orthogonal[n], w[n])
+
+
+def test_refresh_with_non_finite_second_gradient_keeps_the_stored_direction():
+  params = _params()
+  g1 = jax.grad(_loss)(params)
+  tx = gnp(0.8, 0.1, refresh_every=2)
+  _, state = tx.update(g1, tx.init(params), params, grad_fn=jax.grad(_loss))
+  _, state = tx.update(g1, state, params, grad_fn=jax.grad(_loss))
+  def nan_fn(p):
+    return jax.tree.map(lambda g: g * jnp.nan, jax.grad(_loss)(p))
+  out, state3 = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=nan_fn))(g1, state, params)
+  assert not bool(jnp.isfinite(out["w"]).any())
+  for a, b in zip(jax.tree.leaves(state3[1:]), jax.tree.leaves(state[1:])):
+    np.testing.assert_array_equal(a, b)
+  # A NaN leaf of g1 in a reused step stays in that leaf.
+  g_nan = dict(g1, b=g1["b"].at[0].set(jnp.nan))
+  out, state4 = tx.update(g_nan, state3, params, grad_fn=jax.grad(_loss))
+  assert bool(jnp.isnan(out["b"][0])) and bool(jnp.isfinite(out["b"][1:]).all())
+  assert bool(jnp.isfinite(out["w"]).all())
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state4))
+
+
+def test_refresh_every_under_inject_hyperparams_and_normalize_g1():
+  params = _params()
+  ref_tx = gnp(0.6, 0.1, refresh_every=2, normalize_g1=True)
+  static = optax.inject_hyperparams(gnp, static_args=("refresh_every",))(
+      alpha=0.6, radius=0.1, refresh_every=2, normalize_g1=True)
+  dynamic = optax.inject_hyperparams(gnp)(alpha=0.6, radius=0.1, refresh_every=2,
+                                          normalize_g1=True)
+  states = [tx.init(params) for tx in (ref_tx, static, dynamic)]
+  for _ in range(3):
+    g1 = jax.grad(_loss)(params)
+    outs = []
+    for i, tx in enumerate((ref_tx, static, dynamic)):
+      out, states[i] = jax.jit(
+          lambda g, s, p, tx=tx: tx.update(g, s, p, grad_fn=jax.grad(_loss)))(
+              g1, states[i], params)
+      outs.append(out)
+    for out in outs[1:]:
+      for n in params:
+        np.testing.assert_allclose(out[n], outs[0][n], rtol=1e-6, atol=1e-7)
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, outs[0])
+
+
+def test_has_aux_with_refresh_every():
+  params = _params()
+  aux_fn = jax.grad(lambda p: (_loss(p), {"stats": jnp.ones(2)}), has_aux=True)
+  a, b = gnp(0.5, 0.1, refresh_every=2, has_aux=True), gnp(0.5, 0.1, refresh_every=2)
+  sa, sb = a.init(params), b.init(params)
+  for _ in range(3):
+    g1 = jax.grad(_loss)(params)
+    oa, sa = jax.jit(lambda g, s, p: a.update(g, s, p, grad_fn=aux_fn))(g1, sa, params)
+    ob, sb = b.update(g1, sb, params, grad_fn=jax.grad(_loss))
+    for n in params:
+      np.testing.assert_allclose(oa[n], ob[n], rtol=1e-6, atol=1e-7)
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, oa)
+
+
+# ---------------------------------------------------------- split steps
+
+
+def test_perturbed_grads_equal_grad_fn():
+  params = _params()
+  tx = gnp(0.8, 0.1, refresh_every=2)
+  s1 = s2 = tx.init(params)
+  for _ in range(3):
+    g1 = jax.grad(_loss)(params)
+    g2 = jax.jit(jax.grad(_loss))(gnp_perturbed_params(g1, params, 0.1))
+    o1, s1 = tx.update(g1, s1, params, grad_fn=jax.grad(_loss))
+    o2, s2 = jax.jit(lambda g, s, p, q: tx.update(g, s, p, perturbed_grads=q))(
+        g1, s2, params, g2)
+    for n in params:
+      np.testing.assert_allclose(o2[n], o1[n], rtol=1e-6, atol=1e-7)
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, o1)
+
+
+def test_perturbed_params_zero_and_non_finite_gradient():
+  params = _params()
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for g in (zeros, dict(zeros, b=zeros["b"].at[0].set(jnp.inf))):
+    out = gnp_perturbed_params(g, params, 0.5)
+    for n in params:
+      np.testing.assert_array_equal(out[n], params[n])
+  with pytest.raises(ValueError, match="radius"):
+    gnp_perturbed_params(params, params, -1.0)
+
+
+# ---------------------------------------------------------- data parallel
+
+_X = jnp.asarray(np.random.default_rng(5).standard_normal((16, 3)), jnp.float32)
+_Y = jnp.asarray(np.random.default_rng(6).standard_normal((16, 2)), jnp.float32)
+
+
+def _batch_loss(params, x, y):
+  h = jnp.tanh(x @ params["w"].T)  # w: (2, 3)
+  return jnp.mean((h + params["b"][:2] - y) ** 2)
+
+
+def _global_run(tx, steps=3):
+  params, state = _params(), tx.init(_params())
+  for _ in range(steps):
+    grads = jax.grad(_batch_loss)(params, _X, _Y)
+    grad_fn = jax.grad(lambda p: _batch_loss(p, _X, _Y))
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def _device_step(tx, axis_name):
+  def step(params, state, x, y):
+    grads = jax.lax.pmean(jax.grad(_batch_loss)(params, x, y), axis_name)
+    grad_fn = jax.grad(lambda p: _batch_loss(p, x, y))
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+@pytest.mark.parametrize("refresh_every", [1, 2])
+def test_pmap_eight_devices_equal_one(refresh_every):
+  n = 8
+  assert jax.device_count() >= n
+  def make(axis):
+    return optax.chain(
+        gnp(0.8, 0.1, refresh_every=refresh_every, axis_name=axis), optax.sgd(0.1))
+  ref = _global_run(make(None))
+  results = {}
+  for axis in ("batch", None):
+    tx = make(axis)
+    step = jax.pmap(_device_step(tx, "batch"), axis_name="batch")
+    def replicate(t):
+      return jax.tree.map(lambda a: jnp.stack([a] * n), t)
+    params, state = replicate(_params()), replicate(tx.init(_params()))
+    x, y = _X.reshape(n, -1, 3), _Y.reshape(n, -1, 2)
+    for _ in range(3):
+      params, state = step(params, state, x, y)
+    results[axis] = jax.tree.map(lambda a: a[0], params)
+  for k in ref:
+    np.testing.assert_allclose(results["batch"][k], ref[k], rtol=1e-5, atol=1e-6)
+  # Without the axis name each device perturbs with its own shard's g2.
+  assert any(not np.allclose(results[None][k], ref[k], rtol=1e-5, atol=1e-6) for k in ref)
+
+
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_shard_map_eight_devices_equal_one(check_vma):
+  from jax.sharding import AxisType  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Auto,))
+  tx = optax.chain(gnp(0.8, 0.1, refresh_every=2, axis_name="batch"), optax.sgd(0.1))
+  ref = _global_run(optax.chain(gnp(0.8, 0.1, refresh_every=2), optax.sgd(0.1)))
+  if check_vma:
+    # With replication checked, the gradient of the global mean loss
+    # (pmean of the shard's) arrives reduced: averaging again changes nothing.
+    def step_fn(params, state, x, y):
+      def loss(p):
+        return jax.lax.pmean(_batch_loss(p, x, y), "batch")
+      updates, state = tx.update(jax.grad(loss)(params), state, params, grad_fn=jax.grad(loss))
+      return optax.apply_updates(params, updates), state
+  else:
+    step_fn = _device_step(tx, "batch")
+  step = jax.jit(jax.shard_map(step_fn, mesh=mesh, check_vma=check_vma,
+                               in_specs=(P(), P(), P("batch"), P("batch")),
+                               out_specs=(P(), P())))
+  params, state = _params(), tx.init(_params())
+  for _ in range(3):
+    params, state = step(params, state, _X, _Y)
+  for k in ref:
+    np.testing.assert_allclose(params[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_jit_with_sharded_global_batch_needs_no_axis_name():
+  from jax.sharding import AxisType  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Auto,))
+  tx = optax.chain(gnp(0.8, 0.1, refresh_every=2), optax.sgd(0.1))
+  ref = _global_run(tx)
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(_batch_loss)(params, x, y)
+    updates, state = tx.update(grads, state, params,
+                               grad_fn=jax.grad(lambda p: _batch_loss(p, x, y)))
+    return optax.apply_updates(params, updates), state
+
+  batch = NamedSharding(mesh, P("batch"))
+  x, y = jax.device_put(_X, batch), jax.device_put(_Y, batch)
+  params, state = _params(), tx.init(_params())
+  for _ in range(3):
+    params, state = step(params, state, x, y)
+  for k in ref:
+    np.testing.assert_allclose(params[k], ref[k], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -342,7 +642,8 @@ def test_batchnorm_perturbed_pass_discards_statistics():
 
   # has_aux=True equals dropping the aux by hand.
   tx_plain = optax.chain(gnp(alpha=0.8, radius=radius), optax.sgd(0.1))
-  grad_fn = lambda p: jax.grad(loss_fn, has_aux=True)(p, batch_stats, x, y)[0]
+  def grad_fn(p):
+    return jax.grad(loss_fn, has_aux=True)(p, batch_stats, x, y)[0]
   ref, _ = tx_plain.update(grads, tx_plain.init(params), params, grad_fn=grad_fn)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                updates, ref)
@@ -365,6 +666,13 @@ def _adam():
 
 
 test_contract = contract_suite([
+    ContractCase(
+        name="gradient_norm_penalty[refresh_every=3]",
+        make=lambda **kw: gnp(refresh_every=3, **kw),
+        hyperparams={"alpha": 0.8, "radius": 0.05},
+        extra_args=_grad_fn_args,
+        optimizer=_adam,
+    ),
     ContractCase(
         name="gradient_norm_penalty",
         make=gnp,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from collections.abc import Hashable
 from typing import Any
 from typing import NamedTuple
 
@@ -15,17 +16,27 @@ from optax_ortho._src import checks
 
 # params -> grads, or params -> (grads, aux) with `has_aux=True`.
 GradFn = Callable[[Any], Any]
+# A mapped axis of pmap or shard_map, or several.
+AxisName = Hashable
 
 
 class GradientNormPenaltyState(NamedTuple):
-  """State of :func:`gradient_norm_penalty`.
+  r"""State of :func:`gradient_norm_penalty`.
 
   Attributes:
     count: number of updates so far; the step of the ``alpha`` and ``radius``
-      schedules.
+      schedules and of the ``refresh_every`` cycle.
+    orthogonal: with ``refresh_every > 1``, the part of the last exact
+      :math:`(g_2 - g_1) / r` orthogonal to :math:`g_1`, a pytree like the
+      parameters (float32 at least); ``()`` otherwise.
+    parallel: with ``refresh_every > 1``, the scalar
+      :math:`\langle g_2 - g_1, g_1 / \|g_1\| \rangle / r` of the last exact
+      step; ``()`` otherwise.
   """
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
+  orthogonal: Any = ()
+  parallel: Any = ()
 
 
 def _compute_dtype(x: jax.Array):
@@ -51,6 +62,224 @@ def _scaled_norm(tree: Any) -> tuple[jax.Array, jax.Array]:
   return safe_m, n.astype(acc)
 
 
+def _unit(g1: Any, eps: float) -> tuple[Any, jax.Array]:
+  """(g1 / max(|g1|, eps) in the compute dtype, whether |g1| is finite).
+
+  Computed as (g1 / m) / max(n, eps / m), never squaring g1.
+  """
+  m, n = _scaled_norm(g1)
+  inv = 1.0 / jnp.maximum(n, eps / m)
+
+  def unit(g):
+    dtype = _compute_dtype(g)
+    return (g.astype(dtype) / m.astype(dtype)) * inv.astype(dtype)
+
+  return jax.tree.map(unit, g1), jnp.isfinite(n)
+
+
+def _perturb(params: Any, unit: Any, radius: jax.Array, finite: jax.Array) -> Any:
+  """params + radius * unit, or params where |g1| is not finite.
+
+  A non-finite g1 would spread NaN into every parameter through the
+  perturbation; evaluated at params instead, g2 stays finite and only the
+  non-finite leaves of g1 make the output non-finite.
+  """
+  def perturb(p, u):
+    dtype = _compute_dtype(p)
+    moved = p.astype(dtype) + radius * u.astype(dtype)
+    return jnp.where(finite, moved, p.astype(dtype)).astype(p.dtype)
+
+  return jax.tree.map(perturb, params, unit)
+
+
+def _second_gradient(grad_fn: GradFn, perturbed: Any, updates: Any, has_aux: bool) -> Any:
+  """grad_fn(perturbed), its aux dropped, checked against `updates`."""
+  g2 = grad_fn(perturbed)
+  if has_aux:
+    if not (isinstance(g2, (tuple, list)) and len(g2) == 2):
+      raise ValueError(
+          "with has_aux=True, grad_fn must return a pair (grads, aux), got"
+          f" {type(g2).__name__}."
+      )
+    g2 = g2[0]  # aux (e.g. BatchNorm statistics of the perturbed pass) dropped
+  try:
+    checks.trees_match(g2, updates, "grad_fn(params)", "updates")
+  except ValueError as err:
+    if has_aux:
+      raise
+    raise ValueError(
+        f"{err} If grad_fn returns (grads, aux), pass has_aux=True.") from None
+  checks.float_leaves(g2, "grad_fn(params)")
+  return g2
+
+
+def _mix(g1: Any, g2: Any, alpha: jax.Array, out_like: Any) -> Any:
+  """(1 - alpha) g1 + alpha g2 per leaf, in the dtype of `out_like`.
+
+  Not g1 + alpha (g2 - g1): this form is exact at alpha = 0 and at alpha = 1.
+  """
+  def mix(a, b, like):
+    dtype = _compute_dtype(a)
+    return ((1.0 - alpha) * a.astype(dtype) + alpha * b.astype(dtype)).astype(like.dtype)
+
+  return jax.tree.map(mix, g1, g2, out_like)
+
+
+def _mean_over(tree: Any, axis_name: AxisName | None) -> Any:
+  """The mean over the devices of `axis_name` (pmap, shard_map); `tree` without one."""
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def _in_compute_dtype(tree: Any, like: Any) -> Any:
+  return jax.tree.map(lambda g, u: g.astype(_compute_dtype(u)), tree, like)
+
+
+def _zeroed(unit: Any, finite: jax.Array) -> Any:
+  return jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), unit)
+
+
+def _split_difference(g1: Any, g2: Any, unit: Any, finite: jax.Array,
+                      radius: jax.Array) -> tuple[Any, jax.Array]:
+  """(w, s) with (g2 - g1) / radius = s * unit + w and w orthogonal to unit.
+
+  To first order g2 - g1 = radius * H unit (H the Hessian), so both parts are
+  independent of radius and of |g1|: a reused step rescales them by its own
+  radius only. radius = 0 (g2 = g1) keeps nothing.
+  """
+  r = jnp.asarray(radius, jnp.float32)
+  inv_r = jnp.where(r > 0, 1.0 / jnp.where(r > 0, r, 1.0), 0.0)
+  u = _zeroed(unit, finite)
+  d = jax.tree.map(lambda a, b: (b - a.astype(b.dtype)) * inv_r.astype(b.dtype), g1, g2)
+  s = optax.tree.vdot(d, u)
+  w = jax.tree.map(lambda x, y: x - s.astype(x.dtype) * y, d, u)
+  return w, s
+
+
+def _reused_second_gradient(g1: Any, unit: Any, finite: jax.Array, radius: jax.Array,
+                            state: GradientNormPenaltyState) -> Any:
+  """g1 + radius * (parallel * unit + orthogonal): g2 from the last exact step.
+
+  A non-finite g1 has no direction: its NaN then stays in its own leaves.
+  """
+  def reuse(g, u, w):
+    dtype = _compute_dtype(g)
+    s = state.parallel.astype(dtype)
+    return g.astype(dtype) + radius * (s * u.astype(dtype) + w.astype(dtype))
+
+  return jax.tree.map(reuse, g1, _zeroed(unit, finite), state.orthogonal)
+
+
+def _kept_if_finite(new: Any, old: Any) -> Any:
+  """`new` in the dtypes of `old` if all of it is finite, else `old`: the state stays finite."""
+  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)]))
+  return jax.tree.map(lambda n, o: jnp.where(ok, n.astype(o.dtype), o), new, old)
+
+
+def _check_update_args(updates: Any, params: Any, grad_fn: Any,
+                       perturbed_grads: Any) -> None:
+  if params is None:
+    raise ValueError(
+        "gradient_norm_penalty needs params: call update(updates, state,"
+        " params, grad_fn=...), params=None is not accepted."
+    )
+  if grad_fn is None and perturbed_grads is None:
+    raise ValueError(
+        "gradient_norm_penalty needs the keyword argument grad_fn (a function"
+        " params -> gradient of the loss on the current batch) or"
+        " perturbed_grads (that gradient at gnp_perturbed_params(...)), got"
+        " neither. With a Flax linen TrainState call"
+        " optax_ortho.apply_gradients(state, grads, grad_fn=grad_fn): Flax's"
+        " own state.apply_gradients(grads=..., grad_fn=...) treats keywords"
+        " as fields of the state and does not pass them to the optimizer."
+        " With nnx call optimizer.update(model, grads, grad_fn=grad_fn)."
+    )
+  if grad_fn is not None and perturbed_grads is not None:
+    raise ValueError(
+        "gradient_norm_penalty takes grad_fn or perturbed_grads, not both.")
+  if grad_fn is not None and not callable(grad_fn):
+    raise TypeError(
+        f"grad_fn must be callable (params -> grads), got {grad_fn!r} of"
+        f" type {type(grad_fn).__name__}; pass precomputed gradients as"
+        " perturbed_grads."
+    )
+  checks.float_leaves(updates, "updates")
+  checks.trees_match(params, updates, "params", "updates")
+  if perturbed_grads is not None:
+    checks.trees_match(perturbed_grads, updates, "perturbed_grads", "updates")
+    checks.float_leaves(perturbed_grads, "perturbed_grads")
+
+
+def _check_state(state: Any, updates: Any, buffered: bool) -> None:
+  if not isinstance(state, GradientNormPenaltyState):
+    raise TypeError(
+        "gradient_norm_penalty's update needs the GradientNormPenaltyState its"
+        f" init returned, got {type(state).__name__}."
+    )
+  holds = bool(jax.tree.leaves(state.parallel))
+  if holds != buffered:
+    raise ValueError(
+        "the state of gradient_norm_penalty "
+        + ("holds a stored direction (it was made with refresh_every > 1) but"
+           " this transform has refresh_every=1." if holds else
+           "holds no stored direction (it was made with refresh_every=1) but"
+           " this transform has refresh_every > 1.")
+    )
+  if buffered:
+    checks.trees_match(state.orthogonal, updates, "state.orthogonal", "updates")
+
+
+def gnp_perturbed_params(grads: Any, params: Any, radius: float | jax.Array, *,
+                         eps: float = 1e-12) -> Any:
+  r"""Where ``gradient_norm_penalty`` takes its second gradient: :math:`\theta + r g / \|g\|`.
+
+  For programs whose gradient step and update step are separate jitted
+  functions: the gradient step computes ``grads`` and the gradient at this
+  point, and passes that gradient (an array pytree, not a function) to the
+  update as ``perturbed_grads``. A zero or non-finite ``grads`` gives
+  ``params`` unchanged. Under ``pmap``/``shard_map`` pass the gradient averaged
+  over the devices (the global :math:`g`).
+
+  Args:
+    grads: the gradient :math:`g` of the loss at ``params`` (the ``updates``
+      the transform will receive).
+    params: the parameters.
+    radius: the transform's ``radius`` :math:`r` at this step (evaluate a
+      schedule at the step yourself).
+    eps: the transform's ``eps``.
+
+  Returns:
+    A pytree like ``params``, in its dtypes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_ortho
+    >>> def loss_fn(params, x):
+    ...   return jnp.sum((x @ params["w"]) ** 2)
+    >>> params, x = {"w": jnp.ones((3, 2))}, jnp.ones((4, 3))
+    >>> tx = optax.chain(optax_ortho.gradient_norm_penalty(0.8, 0.05), optax.sgd(0.01))
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def gradient_step(params, x):
+    ...   grads = jax.grad(loss_fn)(params, x)
+    ...   at = optax_ortho.gnp_perturbed_params(grads, params, 0.05)
+    ...   return grads, jax.grad(loss_fn)(at, x)
+    >>> @jax.jit
+    ... def update_step(params, state, grads, perturbed_grads):
+    ...   updates, state = tx.update(grads, state, params, perturbed_grads=perturbed_grads)
+    ...   return optax.apply_updates(params, updates), state
+    >>> new_params, state = update_step(params, state, *gradient_step(params, x))
+    >>> bool(loss_fn(new_params, x) < loss_fn(params, x))
+    True
+  """
+  checks.float_leaves(grads, "grads")
+  checks.trees_match(params, grads, "params", "grads")
+  checks.hyperparam(radius, "radius", "a finite number >= 0", lambda v: v >= 0.0,
+                    schedule=False)
+  if not jax.tree.leaves(grads):
+    return params
+  unit, finite = _unit(grads, eps)
+  return _perturb(params, unit, radius, finite)
+
+
 def gradient_norm_penalty(
     alpha: optax.ScalarOrSchedule = 0.8,
     radius: optax.ScalarOrSchedule = 0.05,
@@ -58,6 +287,8 @@ def gradient_norm_penalty(
     eps: float = 1e-12,
     has_aux: bool = False,
     normalize_g1: bool = False,
+    refresh_every: int = 1,
+    axis_name: AxisName | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient of the loss plus a penalty on its gradient norm (Zhao et al.).
 
@@ -88,10 +319,32 @@ def gradient_norm_penalty(
   ``mutable=["batch_stats"]``); ``aux``, the statistics of the perturbed pass,
   is discarded, so only the unperturbed pass updates the running statistics.
 
+  Split steps: when the gradient step and the update step are separate jitted
+  functions, compute :math:`g_2` in the gradient step at
+  :func:`gnp_perturbed_params` and pass it as ``perturbed_grads`` (an array
+  pytree) instead of ``grad_fn``.
+
+  Data parallel: under ``pmap`` or ``shard_map`` pass ``axis_name``; the second
+  gradient, computed on each device's shard of the batch, is then averaged
+  over that axis, so 8 devices give what 1 device gives on the global batch.
+  ``updates`` must already be the averaged gradient (as every data-parallel
+  program hands the optimizer): the perturbation follows it. Under ``jit``
+  with sharded global arrays nothing is needed.
+
+  ``refresh_every=k`` (LookSAM, Liu et al.): steps 0, k, 2k, ... compute
+  :math:`g_2` and are exact; they store the part of :math:`(g_2 - g_1) / r`
+  orthogonal to :math:`g_1` (one parameter-sized buffer) and its component
+  along :math:`g_1 / \|g_1\|` (a scalar). The steps between call no
+  ``grad_fn`` and use :math:`g_2 \approx g_1 + r_t (s\, g_1 / \|g_1\| + w)`
+  with the current :math:`g_1` and radius: about one forward-backward pass per
+  step instead of two (docs/methods/gnp.md derives it). The branch is chosen
+  inside the jitted step by ``lax.cond``.
+
   A zero gradient gives no perturbation (:math:`g_2` is the gradient at
   ``params``); so does a non-finite :math:`\|g_1\|`, so a NaN leaf of
   :math:`g_1` gives NaN in that leaf of the output, not in every leaf. The
-  state is a step counter, which a NaN step cannot poison. Computation is in
+  state (a step counter, and the stored direction, kept when a step is not
+  finite) cannot be poisoned by a NaN step. Computation is in
   float32 (at least); each leaf of the output keeps the dtype of ``updates``.
   The norm is taken on $g_1 / \max|g_1|$, so gradients near the ends of
   the float range (a norm of 1e20 whose square overflows float32) are still
@@ -113,10 +366,17 @@ def gradient_norm_penalty(
     has_aux: whether ``grad_fn`` returns ``(grads, aux)``; ``aux`` is dropped.
     normalize_g1: mix $g_1 / \|g_1\|$ instead of $g_1$, as the authors' code
       does; a zero $g_1$ then contributes zero.
+    refresh_every: compute :math:`g_2` every this many steps (a positive
+      int); 1 computes it at every step. LookSAM uses 5. Under
+      ``optax.inject_hyperparams`` it is a hyperparameter of the state (and the
+      state keeps the buffer) unless listed in ``static_args``.
+    axis_name: the ``pmap``/``shard_map`` axis (or axes) over which the second
+      gradient is averaged; None when there is none (one device, or ``jit``
+      with sharded arrays).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``params`` and the keyword-only ``grad_fn``.
+    ``params`` and the keyword-only ``grad_fn`` (or ``perturbed_grads``).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -145,6 +405,9 @@ def gradient_norm_penalty(
 
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+
+    Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2203.02714>`_, CVPR 2022 (LookSAM).
   """
   checks.hyperparam(alpha, "alpha", "a finite number >= 0",
                     lambda v: v >= 0.0)
@@ -154,6 +417,19 @@ def gradient_norm_penalty(
                     schedule=False)
   checks.boolean(has_aux, "has_aux")
   checks.boolean(normalize_g1, "normalize_g1")
+  if isinstance(refresh_every, (jax.Array, jax.core.Tracer)):
+    # Injected by optax.inject_hyperparams: the period is read at run time,
+    # so the state keeps the buffer whatever its value.
+    if not jnp.issubdtype(refresh_every.dtype, jnp.integer) or refresh_every.shape:
+      raise TypeError(
+          f"refresh_every must be a positive int, got an array of {refresh_every.dtype}"
+          f"{list(refresh_every.shape)}.")
+  else:
+    checks.positive_int(refresh_every, "refresh_every")
+  buffered = not (isinstance(refresh_every, int) and refresh_every == 1)
+  if axis_name is not None and not isinstance(axis_name, Hashable):
+    raise TypeError(
+        f"axis_name must be None or the name of a pmap/shard_map axis, got {axis_name!r}.")
   # A constant alpha = 0 needs no second gradient: skip its cost entirely.
   skip_second_pass = (
       isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
@@ -161,87 +437,52 @@ def gradient_norm_penalty(
   )
 
   def init_fn(params):
-    del params
-    return GradientNormPenaltyState(count=jnp.zeros([], jnp.int32))
+    count = jnp.zeros([], jnp.int32)
+    if not buffered:
+      return GradientNormPenaltyState(count=count)
+    orthogonal = jax.tree.map(lambda p: jnp.zeros_like(p, _compute_dtype(p)), params)
+    return GradientNormPenaltyState(count, orthogonal, jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None,
-                **extra_args):
+                perturbed_grads: Any = None, **extra_args):
     del extra_args  # meant for other transforms of the chain
-    if params is None:
-      raise ValueError(
-          "gradient_norm_penalty needs params: call update(updates, state,"
-          " params, grad_fn=...), params=None is not accepted."
-      )
-    if grad_fn is None:
-      raise ValueError(
-          "gradient_norm_penalty needs the keyword argument grad_fn: a"
-          " function params -> gradient of the loss on the current batch,"
-          " got None."
-      )
-    if not callable(grad_fn):
-      raise TypeError(
-          f"grad_fn must be callable (params -> grads), got {grad_fn!r} of"
-          f" type {type(grad_fn).__name__}."
-      )
-    checks.float_leaves(updates, "updates")
-    checks.trees_match(params, updates, "params", "updates")
-
-    count_inc = optax.safe_increment(state.count)
-    new_state = GradientNormPenaltyState(count=count_inc)
+    _check_update_args(updates, params, grad_fn, perturbed_grads)
+    _check_state(state, updates, buffered)
+    new_state = state._replace(count=optax.safe_increment(state.count))
     if skip_second_pass or not jax.tree.leaves(updates):
       return updates, new_state
-
     a = alpha(state.count) if callable(alpha) else alpha
     r = radius(state.count) if callable(radius) else radius
-    m, n = _scaled_norm(updates)
-    # A non-finite g1 would spread NaN into every parameter through the
-    # perturbation; evaluated at params instead, g2 stays finite and only the
-    # non-finite leaves of g1 make the output non-finite.
-    finite = jnp.isfinite(n)
-    # g1 / max(|g1|, eps) = (g1 / m) / max(n, eps / m), never squaring g1.
-    inv = 1.0 / jnp.maximum(n, eps / m)
+    unit, finite = _unit(updates, eps)
 
-    def unit(g):
-      dtype = _compute_dtype(g)
-      return (g.astype(dtype) / m.astype(dtype)) * inv.astype(dtype)
+    def exact_second_gradient():
+      if perturbed_grads is None:
+        g2 = _second_gradient(grad_fn, _perturb(params, unit, r, finite), updates, has_aux)
+      else:
+        g2 = perturbed_grads
+      return _in_compute_dtype(_mean_over(g2, axis_name), updates)
 
-    def perturb(p, g):
-      dtype = _compute_dtype(p)
-      moved = p.astype(dtype) + r * unit(g).astype(dtype)
-      return jnp.where(finite, moved, p.astype(dtype)).astype(p.dtype)
+    if not buffered:
+      g2 = exact_second_gradient()
+    else:
+      def refresh():
+        g2 = exact_second_gradient()
+        stored = _split_difference(updates, g2, unit, finite, r)
+        return g2, _kept_if_finite(stored, (state.orthogonal, state.parallel))
 
-    perturbed = jax.tree.map(perturb, params, updates)
-    g2 = grad_fn(perturbed)
-    if has_aux:
-      if not (isinstance(g2, (tuple, list)) and len(g2) == 2):
-        raise ValueError(
-            "with has_aux=True, grad_fn must return a pair (grads, aux), got"
-            f" {type(g2).__name__}."
-        )
-      g2 = g2[0]  # aux (e.g. BatchNorm statistics of the perturbed pass) dropped
-    try:
-      checks.trees_match(g2, updates, "grad_fn(params)", "updates")
-    except ValueError as err:
-      if has_aux:
-        raise
-      raise ValueError(
-          f"{err} If grad_fn returns (grads, aux), pass has_aux=True.") from None
-    checks.float_leaves(g2, "grad_fn(params)")
+      def reuse():
+        g2 = _reused_second_gradient(updates, unit, finite, r, state)
+        return g2, (state.orthogonal, state.parallel)
+
+      g2, (orthogonal, parallel) = jax.lax.cond(
+          state.count % jnp.maximum(refresh_every, 1) == 0, refresh, reuse)
+      new_state = new_state._replace(orthogonal=orthogonal, parallel=parallel)
     if normalize_g1:
       # Non-finite g1: keep it as is, so its NaN stays in its own leaves.
-      g1_mixed = jax.tree.map(
-          lambda g: jnp.where(finite, unit(g), g.astype(_compute_dtype(g))),
-          updates)
+      g1 = jax.tree.map(
+          lambda u, g: jnp.where(finite, u, g.astype(u.dtype)), unit, updates)
     else:
-      g1_mixed = updates
-
-    def mix(g1, g2):
-      dtype = _compute_dtype(g1)
-      # (1 - a) g1 + a g2, not g1 + a (g2 - g1): exact at a = 0 and at a = 1.
-      return ((1.0 - a) * g1.astype(dtype)
-              + a * g2.astype(dtype)).astype(g1.dtype)
-
-    out = jax.tree.map(mix, g1_mixed, g2)
-    return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), new_state
+      g1 = updates
+    return _mix(g1, g2, a, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
