@@ -366,3 +366,223 @@ def test_compare_runs_gal_tiny(tmp_path):
                        "--eval-every", "3", "--out", str(tmp_path)])
   assert {r["method"] for r in rows} == {"adam", "gal"}
   assert all(np.isfinite(r["acc_mean"]) for r in rows)
+
+
+# ------------------------------------------------------------ training loops
+
+
+def _bn_problem():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      h = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+      return nn.Dense(3)(nn.tanh(h))
+
+  model = Net()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((16, 5)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 16))
+  variables = model.init(jax.random.key(0), x)
+  return model, variables, x, y
+
+
+@pytest.mark.slow
+def test_has_aux_returns_batch_stats_and_the_same_gradients():
+  model, variables, x, y = _bn_problem()
+  stats = variables["batch_stats"]
+
+  def apply_aux(params, x):
+    logits, new = model.apply({"params": params, "batch_stats": stats}, x,
+                              mutable=["batch_stats"])
+    return logits, new["batch_stats"]
+
+  def apply_plain(params, x):
+    return apply_aux(params, x)[0]
+
+  (loss, new_stats), grads, args = optax_ortho.gal_value_and_grad(
+      apply_aux, cross_entropy, has_aux=True)(variables["params"], x, y)
+  loss0, grads0, args0 = optax_ortho.gal_value_and_grad(
+      apply_plain, cross_entropy)(variables["params"], x, y)
+  np.testing.assert_array_equal(loss, loss0)
+  jax.tree.map(np.testing.assert_array_equal, grads, grads0)
+  np.testing.assert_array_equal(args["gal_logits_grad"], args0["gal_logits_grad"])
+  expected = apply_aux(variables["params"], x)[1]
+  jax.tree.map(np.testing.assert_array_equal, new_stats, expected)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new_stats, stats)
+  assert min(jax.tree.leaves(moved)) > 0
+  with pytest.raises(TypeError, match="has_aux"):
+    optax_ortho.gal_value_and_grad(apply_plain, cross_entropy, has_aux=1)
+
+
+def test_per_sample_loss_is_a_clear_error():
+  per_sample = lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y)
+  with pytest.raises(ValueError, match=r"gal_value_and_grad: loss_fn.*scalar mean.*\(4,\)"):
+    optax_ortho.gal_value_and_grad(lambda p, x: p, per_sample)(
+        jnp.zeros((4, 3)), None, jnp.zeros(4, jnp.int32))
+
+
+def test_missing_arguments_say_how_to_pass_them():
+  params = {"z": jnp.zeros((4, 3))}
+  tx = optax_ortho.gal(3, 0.1)
+  with pytest.raises(TypeError, match=r"optax_ortho\.apply_gradients.*nnx\.Optimizer"):
+    tx.update(params, tx.init(params), params)
+
+
+def test_num_outputs_one_warns():
+  with pytest.warns(UserWarning, match=r"num_outputs=1.*cannot learn"):
+    optax_ortho.gal(1, 0.1)
+
+
+def test_inject_hyperparams_names_static_args():
+  tx = optax.inject_hyperparams(optax_ortho.gal)(num_outputs=3, learning_rate=0.1)
+  with pytest.raises(ValueError, match=r"static_args=\('num_outputs',\)"):
+    tx.init({"z": jnp.zeros((4, 3))})
+
+
+@pytest.mark.slow
+def test_state_of_another_configuration_names_what_differs():
+  params = {"z": jnp.zeros((4, 3))}
+  args = optax_ortho.gal_value_and_grad(lambda p, x: p["z"], cross_entropy)(
+      params, None, jnp.zeros(4, jnp.int32))[2]
+  old = optax_ortho.gal(3, 0.1, hidden_sizes=(128, 4)).init(params)
+  tx = optax_ortho.gal(3, 0.1, hidden_sizes=(64,))
+  # Eagerly the message says what the state was built with; under jit, what
+  # its shapes show.
+  with pytest.raises(ValueError, match=r"hidden_sizes.*built with num_outputs=3,"
+                     r" hidden_sizes=\(128, 4\)"):
+    tx.update(params, old, params, **args)
+  with pytest.raises(ValueError, match=r"other hidden_sizes: its adjuster has 2 hidden"
+                     r" layers, gal\(num_outputs=3, hidden_sizes=\(64,\)\) has 1"):
+    jax.jit(lambda s, a: tx.update(params, s, params, **a))(old, args)
+  narrow = optax_ortho.gal(3, 0.1, hidden_sizes=(32,)).init(params)
+  with pytest.raises(ValueError, match=r"hidden_sizes or num_outputs.*\(227,\).*\(451,\)"):
+    jax.jit(lambda s, a: tx.update(params, s, params, **a))(narrow, args)
+  sgd_state = optax_ortho.gal(3, 0.1, hidden_sizes=(64,),
+                              adjuster_optimizer=optax.sgd(0.1)).init(params)
+  with pytest.raises(ValueError, match="adjuster_opt_state.*adjuster_optimizer"):
+    tx.update(params, sgd_state, params, **args)
+  with pytest.raises(TypeError, match="GalState"):
+    tx.update(params, None, params, **args)
+
+
+def _run_steps(tx, steps, poison_at=None, poison=None):
+  apply_fn, params, x, y = _mlp_problem()
+  value_and_grad = optax_ortho.gal_value_and_grad(apply_fn, cross_entropy)
+
+  @jax.jit
+  def step(params, state):
+    _, grads, gal_args = value_and_grad(params, x, y)
+    updates, state = tx.update(grads, state, params, **gal_args)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  accepted = []
+  for i in range(steps):
+    if i == poison_at:
+      state = poison(state)
+    params, state = step(params, state)
+    accepted.append(float(state.accepted_fraction))
+  return state, np.array(accepted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["params", "adam_mu"])
+def test_poisoned_adjuster_recovers(where):
+  tx = optax_ortho.gal(5, 0.1, alpha=0.1, beta=0.1, hidden_sizes=(8,))
+
+  def poison(state):
+    if where == "params":
+      return state._replace(adjuster_params=state.adjuster_params.at[3].set(jnp.nan))
+    adam = state.adjuster_opt_state[0]
+    return state._replace(adjuster_opt_state=(
+        adam._replace(mu=adam.mu.at[3].set(jnp.nan)),) + state.adjuster_opt_state[1:])
+
+  clean, clean_accepted = _run_steps(tx, 50)
+  # Poisoned at the start: re-initialised from its key, the run is the clean one.
+  first, first_accepted = _run_steps(tx, 50, 0, poison)
+  assert int(first.adjuster_resets) == 1 and int(clean.adjuster_resets) == 0
+  np.testing.assert_array_equal(first.adjuster_params, clean.adjuster_params)
+  np.testing.assert_array_equal(first_accepted, clean_accepted)
+  # Poisoned after 10 steps: counted once, finite again, accepting again.
+  late, late_accepted = _run_steps(tx, 50, 10, poison)
+  assert int(late.adjuster_resets) == 1
+  assert all(bool(jnp.all(jnp.isfinite(s))) for s in jax.tree.leaves(late))
+  assert clean_accepted[-10:].mean() > 0.5
+  assert late_accepted[-10:].mean() >= 0.8 * clean_accepted[-10:].mean()
+
+
+@pytest.mark.slow
+def test_split_gradient_and_update_steps_equal_one_step():
+  apply_fn, params, x, y = _mlp_problem()
+  tx = optax.chain(optax_ortho.gal(5, 0.1, alpha=0.1, beta=0.1, hidden_sizes=(8,)),
+                   optax.sgd(0.1))
+  value_and_grad = optax_ortho.gal_value_and_grad(apply_fn, cross_entropy)
+  traces = []
+
+  @jax.jit
+  def fused(params, state):
+    _, grads, gal_args = value_and_grad(params, x, y)
+    updates, state = tx.update(grads, state, params, **gal_args)
+    return optax.apply_updates(params, updates), state
+
+  @jax.jit
+  def gradient_step(params, x, y):
+    return value_and_grad(params, x, y)
+
+  @jax.jit
+  def update_step(params, state, grads, gal_args):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params, **gal_args)
+    return optax.apply_updates(params, updates), state
+
+  p1, s1 = params, tx.init(params)
+  p2, s2 = params, tx.init(params)
+  for _ in range(3):
+    p1, s1 = fused(p1, s1)
+    _, grads, gal_args = gradient_step(p2, x, y)
+    p2, s2 = update_step(p2, s2, grads, gal_args)
+  assert len(traces) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               (p1, s1), (p2, s2))
+
+
+@pytest.mark.slow
+def test_sequence_model_flattens_tokens_into_the_batch():
+  batch, length, vocab = 3, 4, 6
+  rng = np.random.default_rng(0)
+  params = {"embed": jnp.asarray(rng.standard_normal((vocab, 8)), jnp.float32),
+            "out": jnp.asarray(0.3 * rng.standard_normal((8, vocab)), jnp.float32)}
+  tokens = jnp.asarray(rng.integers(0, vocab, (batch, length + 1)))
+  mask = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], jnp.float32)
+
+  def apply_fn(p, x):
+    logits = jnp.tanh(p["embed"][x]) @ p["out"]          # (batch, length, vocab)
+    return logits.reshape(-1, vocab)                      # tokens are the samples
+
+  def loss_fn(logits, y):
+    labels, weights = y
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+  y = (tokens[:, 1:].reshape(-1), mask.reshape(-1))
+  tx = optax_ortho.gal(vocab, 0.5, alpha=0.1, beta=0.1, hidden_sizes=(8,))
+  vag = optax_ortho.gal_value_and_grad(apply_fn, loss_fn)
+
+  @jax.jit
+  def step(params, state):
+    loss, grads, gal_args = vag(params, tokens[:, :-1], y)
+    updates, state = tx.update(grads, state, params, **gal_args)
+    return jax.tree.map(lambda p, u: p - 0.5 * u, params, updates), state, loss, grads
+
+  state = tx.init(params)
+  losses = []
+  for i in range(8):
+    params, state, loss, grads = step(params, state)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  assert float(state.accepted_fraction) > 0
+  ref = jax.grad(lambda p: loss_fn(apply_fn(p, tokens[:, :-1]), y))(params)
+  _, grads, _ = vag(params, tokens[:, :-1], y)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), grads, ref)

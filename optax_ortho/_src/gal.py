@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -54,6 +55,11 @@ class GalState(NamedTuple):
       passed the safeguard.
     remainder: the adjuster's last training loss, mean of ``|r| / eta~^2``
       (last finite value).
+    adjuster_layout: int32 ``[num_outputs, *hidden_sizes]``, the adjuster's
+      widths: a state restored into a ``gal`` of another configuration is
+      rejected with a message naming what differs.
+    adjuster_resets: how often a non-finite adjuster (parameters or optimizer
+      state, e.g. from a corrupted checkpoint) was re-initialised from ``key``.
   """
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
@@ -62,6 +68,8 @@ class GalState(NamedTuple):
   key: jax.Array
   accepted_fraction: jax.Array
   remainder: jax.Array
+  adjuster_layout: jax.Array
+  adjuster_resets: jax.Array
 
 
 class _Adjuster(nn.Module):
@@ -81,10 +89,12 @@ class _Config(NamedTuple):
   """What `gal`'s arguments fix: everything `update` needs besides its inputs."""
 
   num_outputs: int
+  hidden_sizes: tuple[int, ...]
   learning_rate: optax.ScalarOrSchedule
   alpha: float
   beta: float
   safeguard: Safeguard
+  axis_name: Any
   adjuster: _Adjuster
   adjuster_optimizer: optax.GradientTransformation
   flatten: Callable[[Any], jax.Array]
@@ -133,9 +143,14 @@ def _check_args(num_outputs: int, args: dict[str, Any]) -> None:
   missing = [k for k in _GAL_ARGS if args[k] is None]
   if missing:
     raise TypeError(
-        f"gal.update needs the keyword arguments {', '.join(_GAL_ARGS)};"
-        f" missing: {', '.join(missing)}. Build them with"
-        " optax_ortho.gal_value_and_grad(apply_fn, loss_fn)(params, x, y)."
+        f"gal's update needs the keyword arguments {', '.join(_GAL_ARGS)};"
+        f" missing: {', '.join(missing)}. Build them with `loss, grads, gal_args ="
+        " optax_ortho.gal_value_and_grad(apply_fn, loss_fn)(params, x, y)` and pass"
+        " them on: tx.update(grads, state, params, **gal_args); with a Flax linen"
+        " TrainState optax_ortho.apply_gradients(state, grads, **gal_args) (Flax's"
+        " own TrainState.apply_gradients does not hand them to the optimizer);"
+        " with Flax nnx optimizer.update(model, grads, **gal_args) of an"
+        " nnx.Optimizer."
     )
   logits, logits_grad = args["gal_logits"], args["gal_logits_grad"]
   if jnp.ndim(logits) != 2:
@@ -163,13 +178,62 @@ def _check_args(num_outputs: int, args: dict[str, Any]) -> None:
       raise TypeError(f"{name} must be callable, got {args[name]!r}.")
 
 
-def _backprop(gal_vjp: Callable, chosen: jax.Array, logits_dtype: Any,
-              updates: Any) -> Any:
-  """The parameter gradient of the chosen logit gradients, in `updates`' dtypes."""
+def _check_state(config: _Config, state: Any) -> None:
+  """A GalState of this configuration, at trace time; names what differs."""
+  if not isinstance(state, GalState):
+    raise TypeError(
+        "gal's update needs the GalState that gal(...).init returned (or its"
+        f" restored copy), got {type(state).__name__}."
+    )
+  this = (f"gal(num_outputs={config.num_outputs},"
+          f" hidden_sizes={config.hidden_sizes!r})")
+  layers = jnp.shape(state.adjuster_layout)[0] - 1
+  if layers != len(config.hidden_sizes):
+    raise ValueError(
+        f"The GalState comes from a gal of other hidden_sizes: its adjuster has"
+        f" {layers} hidden layers, {this} has {len(config.hidden_sizes)}."
+        f"{_layout_hint(state)} Build gal with the hyperparameters of the state"
+        " (checkpoint) or start from a fresh init."
+    )
+  need = jax.eval_shape(lambda: _fresh_adjuster(config, jax.random.PRNGKey(0)))
+  have = jnp.shape(state.adjuster_params)
+  if have != need[0].shape:
+    raise ValueError(
+        f"The GalState comes from a gal of other hidden_sizes or num_outputs: its"
+        f" adjuster_params has shape {have}, {this} needs {need[0].shape}."
+        f"{_layout_hint(state)} Build gal with the hyperparameters of the state"
+        " (checkpoint) or start from a fresh init."
+    )
+  checks.trees_match(state.adjuster_opt_state, need[1], "GalState.adjuster_opt_state",
+                     f"the state of this gal's adjuster_optimizer ({this})")
+
+
+def _layout_hint(state: GalState) -> str:
+  """' It was built with num_outputs=..., hidden_sizes=(...).' where that can be read."""
+  if isinstance(state.adjuster_layout, jax.core.Tracer):
+    return ""
+  widths = [int(w) for w in np.asarray(state.adjuster_layout)]
+  return f" It was built with num_outputs={widths[0]}, hidden_sizes={tuple(widths[1:])!r}."
+
+
+def _backprop(config: _Config, gal_vjp: Callable, chosen: jax.Array,
+              logits_dtype: Any, updates: Any) -> Any:
+  """The parameter gradient of the chosen logit gradients, in `updates`' dtypes.
+
+  With an `axis_name` it is averaged over the devices: the mean loss over the
+  global batch is the mean of the devices' mean losses (equal shards).
+  """
   new_updates = gal_vjp(chosen.astype(logits_dtype))
   checks.trees_match(new_updates, updates, "gal_vjp(logit gradients)", "updates")
   checks.float_leaves(new_updates, "gal_vjp(logit gradients)")
+  new_updates = _mean_over_devices(config, new_updates)
   return jax.tree.map(lambda n, u: n.astype(u.dtype), new_updates, updates)
+
+
+def _mean_over_devices(config: _Config, tree: Any) -> Any:
+  if config.axis_name is None:
+    return tree
+  return jax.lax.pmean(tree, config.axis_name)
 
 
 def _remainder(sample_loss: Callable, z: jax.Array, l0: jax.Array,
@@ -213,24 +277,61 @@ def _adjuster_objective(adjuster_params: jax.Array, config: _Config,
   return jnp.mean(jnp.abs(r_scaled)), (v, change)
 
 
-def _accept(change: jax.Array, safeguard: Safeguard) -> jax.Array:
+def _accept(config: _Config, change: jax.Array) -> jax.Array:
   """Per sample, whether its adjusted gradient passes the safeguard.
 
   A NaN change compares False: that sample keeps its vanilla gradient.
   """
-  if safeguard == "batch":
-    # The batch-mean loss does not grow: sum of per-sample changes <= 0.
-    return jnp.broadcast_to(jnp.sum(change) <= 0, change.shape)
+  if config.safeguard == "batch":
+    # The (global) batch-mean loss does not grow: sum of per-sample changes <= 0.
+    total = jnp.sum(change)
+    if config.axis_name is not None:
+      total = jax.lax.psum(total, config.axis_name)
+    return jnp.broadcast_to(total <= 0, change.shape)
   return change <= 0
+
+
+def _fresh_adjuster(config: _Config, key: jax.Array) -> tuple[jax.Array, optax.OptState]:
+  """The adjuster's initial parameters (one flat vector) and optimizer state."""
+  params = config.flatten(config.adjuster.init(
+      key, jnp.zeros((1, config.num_outputs), jnp.float32))["params"])
+  return params, config.adjuster_optimizer.init(params)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _heal(config: _Config, state: GalState) -> GalState:
+  """Re-initialises a non-finite adjuster from its key, and counts it.
+
+  A finite adjuster never turns non-finite here (bad steps are skipped), but a
+  restored or edited state may: without this, every later step of it would be
+  skipped and the safeguard would reject every adjusted gradient for good.
+  """
+  healthy = _all_finite((state.adjuster_params, state.adjuster_opt_state))
+  fresh_params, fresh_opt_state = _fresh_adjuster(config, state.key)
+  return state._replace(
+      adjuster_params=jnp.where(healthy, state.adjuster_params, fresh_params),
+      adjuster_opt_state=optax.tree.where(healthy, state.adjuster_opt_state,
+                                          fresh_opt_state),
+      adjuster_resets=state.adjuster_resets + jnp.where(healthy, 0, 1).astype(jnp.int32),
+  )
 
 
 def _train_adjuster(config: _Config, state: GalState, adj_loss: jax.Array,
                     adj_grads: jax.Array) -> GalState:
-  """One step of the adjuster's optimizer; a non-finite step is skipped, not stored."""
+  """One step of the adjuster's optimizer; a non-finite step is skipped, not stored.
+
+  With an `axis_name` the loss and its gradient are averaged over the devices
+  first, so every device takes the same step and the adjusters stay equal.
+  """
+  adj_loss, adj_grads = _mean_over_devices(config, (adj_loss, adj_grads))
   adj_updates, adj_opt_state = config.adjuster_optimizer.update(
       adj_grads, state.adjuster_opt_state, state.adjuster_params)
   adj_params = optax.apply_updates(state.adjuster_params, adj_updates)
-  finite = jnp.isfinite(adj_loss) & jnp.all(jnp.isfinite(adj_params))
+  finite = jnp.isfinite(adj_loss) & _all_finite((adj_params, adj_opt_state))
 
   def keep_finite(new, old):
     return optax.tree.where(finite, new, old)
@@ -245,15 +346,16 @@ def _train_adjuster(config: _Config, state: GalState, adj_loss: jax.Array,
 def _init(config: _Config, seed: Any, params: Any) -> GalState:
   del params
   key = jax.random.PRNGKey(seed)
-  adjuster_params = config.flatten(config.adjuster.init(
-      key, jnp.zeros((1, config.num_outputs), jnp.float32))["params"])
+  adjuster_params, adjuster_opt_state = _fresh_adjuster(config, key)
   return GalState(
       count=jnp.zeros([], jnp.int32),
       adjuster_params=adjuster_params,
-      adjuster_opt_state=config.adjuster_optimizer.init(adjuster_params),
+      adjuster_opt_state=adjuster_opt_state,
       key=key,
       accepted_fraction=jnp.zeros([], jnp.float32),
       remainder=jnp.zeros([], jnp.float32),
+      adjuster_layout=jnp.asarray((config.num_outputs, *config.hidden_sizes), jnp.int32),
+      adjuster_resets=jnp.zeros([], jnp.int32),
   )
 
 
@@ -262,6 +364,7 @@ def _update(config: _Config, updates: Any, state: GalState, params: Any = None, 
             gal_sample_loss: Any = None, gal_vjp: Any = None,
             **extra_args: Any) -> tuple[Any, GalState]:
   del params, extra_args
+  _check_state(config, state)
   _check_args(config.num_outputs, dict(
       gal_logits=gal_logits, gal_logits_grad=gal_logits_grad,
       gal_sample_loss=gal_sample_loss, gal_vjp=gal_vjp))
@@ -270,8 +373,9 @@ def _update(config: _Config, updates: Any, state: GalState, params: Any = None, 
   if gal_logits.shape[0] == 0:
     # An empty batch has nothing to adjust or to train the adjuster on: its
     # means would be NaN. Keep the state, count the step.
-    return (_backprop(gal_vjp, gal_logits_grad, gal_logits.dtype, updates),
+    return (_backprop(config, gal_vjp, gal_logits_grad, gal_logits.dtype, updates),
             state._replace(count=count))
+  state = _heal(config, state)
   compute = jnp.promote_types(gal_logits.dtype, jnp.float32)
   lr = config.learning_rate
   lr = lr(state.count) if callable(lr) else lr
@@ -288,11 +392,12 @@ def _update(config: _Config, updates: Any, state: GalState, params: Any = None, 
   (adj_loss, (v, change)), adj_grads = jax.value_and_grad(
       _adjuster_objective, has_aux=True)(
           state.adjuster_params, config, sample_loss, z, l0, grad_l, alpha, eta)
-  accept = _accept(change, config.safeguard)
+  accept = _accept(config, change)
   chosen = jnp.where(accept[:, None], _adjust(dz, v, alpha), dz)
+  accepted = _mean_over_devices(config, jnp.mean(accept.astype(jnp.float32)))
   new_state = _train_adjuster(config, state, adj_loss, adj_grads)._replace(
-      count=count, accepted_fraction=jnp.mean(accept.astype(jnp.float32)))
-  return _backprop(gal_vjp, chosen, gal_logits.dtype, updates), new_state
+      count=count, accepted_fraction=accepted)
+  return _backprop(config, gal_vjp, chosen, gal_logits.dtype, updates), new_state
 
 
 def gal(
@@ -305,6 +410,7 @@ def gal(
     adjuster_optimizer: optax.GradientTransformation | None = None,
     seed: int = 0,
     safeguard: Safeguard = "per_sample",
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient adjustment learning: a learned, safeguarded logit-gradient adjustment.
 
@@ -319,8 +425,9 @@ def gal(
   The sample keeps :math:`g` only where the tentative loss does not grow,
   :math:`l(z - \tilde\eta g) \le l(z)`; elsewhere it keeps :math:`\nabla l`.
   With ``safeguard="batch"`` the test is made once on the batch-mean loss, and
-  the whole batch keeps $g$ or $\nabla l$, as in the authors' released code (their ``gal_scale`` and ``gal_ratio`` are ``beta = gal_scale
-  / batch_size`` and ``alpha = gal_ratio``; docs/methods/gal.md).
+  the whole batch keeps :math:`g` or :math:`\nabla l`, as in the authors'
+  released code (their ``gal_scale`` and ``gal_ratio`` are
+  ``beta = gal_scale / batch_size`` and ``alpha = gal_ratio``).
   The parameter gradient is the back-propagation of the chosen logit
   gradients through ``gal_vjp`` (no second forward pass of the model). In the
   same call the adjuster takes one step of ``adjuster_optimizer`` on the mean
@@ -343,6 +450,26 @@ def gal(
   put it first in a chain, followed by the optimizer whose learning rate it is
   given. Its extra arguments come from :func:`gal_value_and_grad`.
 
+  Under ``jax.pmap`` or ``shard_map`` each device sees its shard of the batch;
+  with ``axis_name`` set to the mapped axis, GAL averages what it computes over
+  that axis (the parameter gradient, the ``"batch"`` safeguard's loss change,
+  the adjuster's loss and gradient, ``accepted_fraction``), so that every
+  device returns the gradient of the global batch and keeps the same
+  adjuster, as one device on that batch would. Under ``jax.jit`` with a batch
+  sharded over devices (global arrays) leave it ``None``.
+
+  With one output (``num_outputs=1``, a regression) GAL cannot learn:
+  :math:`v / \|v\|` is :math:`\pm 1` and its derivative is 0, so the adjuster
+  gets a zero gradient and the adjustment is a fixed rescaling of each
+  sample's gradient by :math:`1 \pm \alpha`; ``gal`` warns.
+
+  A state of another configuration (``num_outputs``, ``hidden_sizes``,
+  ``adjuster_optimizer``) is rejected at trace time with a message naming it.
+  An adjuster step that is not finite is skipped (the adjuster and its
+  optimizer state are kept, as ``optax.apply_if_finite`` does), and an
+  adjuster that is not finite on entry (a corrupted checkpoint) is
+  re-initialised from ``key`` and counted in ``adjuster_resets``.
+
   Args:
     num_outputs: number of logits per sample (the adjuster's input and output).
     learning_rate: the learning rate of the optimizer that follows, a float or
@@ -358,6 +485,8 @@ def gal(
     safeguard: ``"per_sample"`` (the paper): each sample tests its own loss;
       ``"batch"`` (the authors' code): one test on the batch-mean loss decides
       for the whole batch.
+    axis_name: the name of the mapped axis that splits the batch under
+      ``jax.pmap`` or ``shard_map`` (e.g. ``"batch"``), or ``None``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -385,7 +514,7 @@ def gal(
     Luo, Wong, Kankanhalli, Zhao, `Learning to Minimize the Remainder in
     Supervised Learning <https://arxiv.org/abs/2201.09193>`_, IEEE TMM 2023.
   """
-  checks.positive_int(num_outputs, "num_outputs")
+  checks.positive_int(num_outputs, "num_outputs", static_arg=True)
   hidden_sizes = tuple(hidden_sizes)
   for width in hidden_sizes:
     checks.positive_int(width, f"hidden_sizes entry (hidden_sizes={hidden_sizes!r})")
@@ -399,6 +528,15 @@ def gal(
     raise ValueError(
         f"safeguard must be one of {_SAFEGUARDS}, got {safeguard!r}.")
   _check_seed(seed)
+  if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+    raise TypeError(
+        "axis_name must be None, a str or a tuple of str (the mapped axis of"
+        f" jax.pmap or shard_map), got {axis_name!r}.")
+  if num_outputs == 1:
+    warnings.warn(
+        "gal(num_outputs=1): with one output v/|v| is +-1 and its derivative 0,"
+        " so the adjuster cannot learn and the adjustment is a fixed rescaling"
+        " of each sample's gradient by 1 +- alpha.", UserWarning, stacklevel=2)
   if adjuster_optimizer is None:
     adjuster_optimizer = optax.adam(1e-3)
   elif not isinstance(adjuster_optimizer, optax.GradientTransformation):
@@ -408,29 +546,52 @@ def gal(
     )
   adjuster = _Adjuster(hidden_sizes, num_outputs)
   flatten, unflatten = _flat_params(adjuster, num_outputs)
-  config = _Config(num_outputs, learning_rate, alpha, beta, safeguard, adjuster,
-                   adjuster_optimizer, flatten, unflatten)
+  config = _Config(num_outputs, hidden_sizes, learning_rate, alpha, beta, safeguard,
+                   axis_name, adjuster, adjuster_optimizer, flatten, unflatten)
   return optax.GradientTransformationExtraArgs(
       functools.partial(_init, config, seed), functools.partial(_update, config))
 
 
+def _first_cotangent(vjp_fn: Callable, cotangent: jax.Array) -> Any:
+  return vjp_fn(cotangent)[0]
+
+
+def _sample_losses(loss_fn: Callable, y: Any, logits: jax.Array) -> jax.Array:
+  """`loss_fn` on each sample alone: one loss per row of `logits`."""
+  def one(zi, yi):
+    return loss_fn(zi[None], jax.tree.map(lambda a: a[None], yi))
+  return jax.vmap(one)(logits, y)
+
+
 def gal_value_and_grad(
-    apply_fn: Callable[[Any, Any], jax.Array],
+    apply_fn: Callable[[Any, Any], Any],
     loss_fn: Callable[[jax.Array, Any], jax.Array],
-) -> Callable[[Any, Any, Any], tuple[jax.Array, Any, dict[str, Any]]]:
+    has_aux: bool = False,
+) -> Callable[[Any, Any, Any], tuple[Any, Any, dict[str, Any]]]:
   """Loss, gradients and :func:`gal`'s extra arguments from one forward pass.
 
-  ``apply_fn(params, x)`` returns logits of shape ``(batch, num_outputs)``;
-  ``loss_fn(logits, y)`` returns the scalar mean loss over the batch, and must
-  also work on one sample (``logits[i:i+1]``, ``y[i:i+1]``): GAL evaluates it
-  per sample, so every leaf of ``y`` needs the batch as its leading axis.
+  ``apply_fn(params, x)`` returns logits of shape ``(batch, num_outputs)``
+  (with ``has_aux=True``, a pair ``(logits, aux)``: new BatchNorm statistics,
+  say); ``loss_fn(logits, y)`` returns the scalar **mean** loss over the
+  batch, and must also work on one sample (``logits[i:i+1]``, ``y[i:i+1]``):
+  GAL evaluates it per sample, so every leaf of ``y`` needs the batch as its
+  leading axis. A sequence model flattens its tokens into the batch axis:
+  logits ``(batch * length, vocab)``, ``y`` ``(batch * length,)``.
+
+  The returned ``gal_args`` are a pytree of arrays (``gal_sample_loss`` and
+  ``gal_vjp`` are ``jax.tree_util.Partial`` over arrays): they may be
+  returned from one jitted function (the gradient step) and passed to another
+  (the update step).
 
   Args:
-    apply_fn: the model, ``(params, x) -> logits``.
+    apply_fn: the model, ``(params, x) -> logits`` (or ``(logits, aux)``).
     loss_fn: ``(logits, y) -> scalar`` mean loss.
+    has_aux: whether ``apply_fn`` returns ``(logits, aux)``.
 
   Returns:
-    A function ``(params, x, y) -> (loss, grads, gal_args)``: the loss, its
+    A function ``(params, x, y) -> (loss, grads, gal_args)`` (with
+    ``has_aux=True``, ``((loss, aux), grads, gal_args)``, nested as
+    ``jax.value_and_grad(..., has_aux=True)`` nests it): the loss, its
     (vanilla) gradient with respect to ``params``, and the keyword arguments
     of ``gal``'s ``update``. Under ``jax.jit`` the vanilla backward pass is
     removed as dead code when only ``gal``'s output is used.
@@ -445,27 +606,37 @@ def gal_value_and_grad(
     >>> sorted(gal_args)
     ['gal_logits', 'gal_logits_grad', 'gal_sample_loss', 'gal_vjp']
   """
+  checks.boolean(has_aux, "has_aux")
+  # Built once, so that the Partials' static part is the same object on every
+  # call: an update step jitted apart from the gradient step compiles once.
+  sample_losses = functools.partial(_sample_losses, loss_fn)
 
   def value_and_grad(params, x, y):
-    logits, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
+    out = jax.vjp(lambda p: apply_fn(p, x), params, has_aux=has_aux)
+    logits, vjp_fn = out[0], out[1]
     if jnp.ndim(logits) != 2:
       raise ValueError(
           "apply_fn must return logits of rank 2, (batch, num_outputs), got"
           f" shape {jnp.shape(logits)}."
+          + (" With has_aux=True it returns (logits, aux)." if has_aux else "")
       )
-    loss, logits_grad = jax.value_and_grad(loss_fn)(logits, y)
-
-    def sample_loss(z):
-      def one(zi, yi):
-        return loss_fn(zi[None], jax.tree.map(lambda a: a[None], yi))
-      return jax.vmap(one)(z, y)
-
+    loss, loss_vjp = jax.vjp(lambda z: loss_fn(z, y), logits)
+    if jnp.ndim(loss) != 0:
+      raise ValueError(
+          "gal_value_and_grad: loss_fn(logits, y) must return the scalar mean loss"
+          f" over the batch, got shape {jnp.shape(loss)} (a per-sample loss?"
+          " return its mean; GAL evaluates loss_fn on single samples itself)."
+      )
+    logits_grad = loss_vjp(jnp.ones_like(loss))[0]
     gal_args = {
         "gal_logits": logits,
         "gal_logits_grad": logits_grad,
-        "gal_sample_loss": sample_loss,
-        "gal_vjp": lambda ct: vjp_fn(ct)[0],
+        "gal_sample_loss": jax.tree_util.Partial(sample_losses, y),
+        "gal_vjp": jax.tree_util.Partial(_first_cotangent, vjp_fn),
     }
-    return loss, vjp_fn(logits_grad)[0], gal_args
+    grads = vjp_fn(logits_grad)[0]
+    if has_aux:
+      return (loss, out[2]), grads, gal_args
+    return loss, grads, gal_args
 
   return value_and_grad
