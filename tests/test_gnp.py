@@ -1,5 +1,6 @@
 """gradient_norm_penalty: the two-point formula, SAM at alpha = 1, contract."""
 
+import functools
 import json
 import os
 import sys
@@ -668,7 +669,7 @@ def _adam():
 test_contract = contract_suite([
     ContractCase(
         name="gradient_norm_penalty[refresh_every=3]",
-        make=lambda **kw: gnp(refresh_every=3, **kw),
+        make=functools.partial(gnp, refresh_every=3),
         hyperparams={"alpha": 0.8, "radius": 0.05},
         extra_args=_grad_fn_args,
         optimizer=_adam,

@@ -131,6 +131,62 @@ def test_linen_missing_extra_argument_names_it():
     optax_ortho.apply_gradients(state, grads)
 
 
+class _StatsState(train_state.TrainState):
+  batch_stats: dict
+
+
+def _stats_state(kind="gnp"):
+  model = MLP()
+  params = model.init(jax.random.key(1), X)["params"]
+  state = _StatsState.create(apply_fn=model.apply, params=params, tx=_tx(kind),
+                             batch_stats={"mean": jnp.zeros(3)})
+  grad_fn = jax.grad(lambda p: ce(model.apply({"params": p}, X), Y))
+  return state, grad_fn(params), grad_fn
+
+
+def test_keyword_naming_a_field_replaces_it():
+  state, grads, grad_fn = _stats_state()
+  new = jax.jit(lambda s, g, b: optax_ortho.apply_gradients(s, g, grad_fn=grad_fn, batch_stats=b))(
+      state, grads, {"mean": jnp.ones(3)})
+  assert isinstance(new, _StatsState) and int(new.step) == 1
+  np.testing.assert_array_equal(new.batch_stats["mean"], jnp.ones(3))
+  # The same step without the field: the optimizer got the same arguments.
+  kept = optax_ortho.apply_gradients(state, grads, grad_fn=grad_fn)
+  np.testing.assert_array_equal(kept.batch_stats["mean"], jnp.zeros(3))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               new.params, kept.params)
+
+
+def test_keyword_that_reaches_nothing_warns():
+  state, grads, grad_fn = _stats_state()
+  with pytest.warns(UserWarning, match=r"\['batch_stat'\] name no field of _StatsState"):
+    new = optax_ortho.apply_gradients(state, grads, grad_fn=grad_fn, batch_stat={"mean": 1})
+  np.testing.assert_array_equal(new.batch_stats["mean"], jnp.zeros(3))
+  import warnings  # pylint: disable=import-outside-toplevel
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    optax_ortho.apply_gradients(state, grads, grad_fn=grad_fn, batch_stats=state.batch_stats)
+
+
+@pytest.mark.parametrize("name", ["step", "params", "opt_state"])
+def test_fields_computed_by_apply_gradients_are_refused(name):
+  state, grads, grad_fn = _stats_state()
+  with pytest.raises(ValueError, match=f"computes '{name}' itself"):
+    optax_ortho.apply_gradients(state, grads, grad_fn=grad_fn, **{name: getattr(state, name)})
+
+
+def test_flax_apply_gradients_error_points_to_ours():
+  state, grads, grad_fn = _stats_state()
+  # Flax's own method takes grad_fn as a field to replace: the optimizer
+  # never sees it, and the message says what to call instead.
+  with pytest.raises(ValueError, match=r"optax_ortho\.apply_gradients"):
+    state.apply_gradients(grads=grads, grad_fn=grad_fn)
+  grod_state = _StatsState.create(apply_fn=state.apply_fn, params=state.params,
+                                  tx=_tx("grod"), batch_stats={})
+  with pytest.raises(TypeError, match=r"optax_ortho\.apply_gradients"):
+    grod_state.apply_gradients(grads=grads, regularizer_grads=grads)
+
+
 def test_apply_gradients_rejects_a_non_state():
   with pytest.raises(TypeError, match="TrainState"):
     optax_ortho.apply_gradients({"params": 1}, {"params": 1})

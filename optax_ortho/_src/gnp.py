@@ -77,7 +77,7 @@ def _unit(g1: Any, eps: float) -> tuple[Any, jax.Array]:
   return jax.tree.map(unit, g1), jnp.isfinite(n)
 
 
-def _perturb(params: Any, unit: Any, radius: jax.Array, finite: jax.Array) -> Any:
+def _perturb(params: Any, unit: Any, radius: float | jax.Array, finite: jax.Array) -> Any:
   """params + radius * unit, or params where |g1| is not finite.
 
   A non-finite g1 would spread NaN into every parameter through the
@@ -150,7 +150,9 @@ def _split_difference(g1: Any, g2: Any, unit: Any, finite: jax.Array,
   inv_r = jnp.where(r > 0, 1.0 / jnp.where(r > 0, r, 1.0), 0.0)
   u = _zeroed(unit, finite)
   d = jax.tree.map(lambda a, b: (b - a.astype(b.dtype)) * inv_r.astype(b.dtype), g1, g2)
-  s = optax.tree.vdot(d, u)
+  # Sums of products, not vdot: a contraction over a sharded axis of an
+  # Explicit mesh would need its output sharding spelled out.
+  s = sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(d), jax.tree.leaves(u)))
   w = jax.tree.map(lambda x, y: x - s.astype(x.dtype) * y, d, u)
   return w, s
 

@@ -49,15 +49,16 @@ def _group_sums(values: list[jax.Array], per_leaf: bool) -> list[jax.Array]:
 
 
 def _inner_products(gjs, gos, per_leaf: bool):
-  """Per group (each leaf, or the whole tree): (scale, |gJ/scale|^2, <gJ/scale, gO>).
+  """Per group (each leaf, or the whole tree): (scale, |u|^2, <u, gO>, sum |u gO|), u = gJ/scale.
 
-  The common case computes |gJ|^2 and <gJ, gO> directly (scale 1). When |gJ|^2
+  The common case computes the sums on gJ itself (scale 1). When |gJ|^2
   leaves [2^-60, 2^60] (tiny or huge gradients, or gJ = 0) or a sum is not
   finite, a `lax.cond` recomputes everything on u = gJ / max|gJ|, where
   |u|^2 is in [1, size] whenever gJ != 0, so the projection neither
   underflows nor overflows in float32 (it is scale invariant). The rescaled
   branch only runs in that rare case, so GrOD costs one pass over the
-  gradients for the sums and one for the output.
+  gradients for the sums and one for the output. sum |u gO| bounds the
+  rounding error of <u, gO>.
 
   Both branches of the `lax.cond` return the tree's common compute dtype (at
   least float32; float64 when any leaf is float64), so they always agree.
@@ -66,52 +67,109 @@ def _inner_products(gjs, gos, per_leaf: bool):
       _compute_dtype(gj, go) for gj, go in zip(gjs, gos)])
 
   def sums(scales):
-    uu, uo = [], []
+    uu, uo, ua = [], [], []
     for gj, go, sc in zip(gjs, gos, scales):
       c = _compute_dtype(gj, go)
       u = gj.astype(c) / sc.astype(c)
       uu.append(jnp.sum(u * u).astype(acc))
       uo.append(jnp.sum(u * go.astype(c)).astype(acc))
-    return _group_sums(uu, per_leaf), _group_sums(uo, per_leaf)
+      ua.append(jnp.sum(jnp.abs(u * go.astype(c))).astype(acc))
+    return (_group_sums(uu, per_leaf), _group_sums(uo, per_leaf),
+            _group_sums(ua, per_leaf))
 
   def expand(group_values):
     return group_values if per_leaf else group_values * len(gjs)
 
-  ones = [jnp.ones([], acc)] * len(gjs)
-  uu, uo = sums(ones)
+  uu, uo, ua = sums([jnp.ones([], acc)] * len(gjs))
   ok = jnp.all(jnp.stack([
-      jnp.isfinite(a) & jnp.isfinite(b) & (a >= 2.0**-60) & (a <= 2.0**60)
-      for a, b in zip(uu, uo)]))
+      jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(c) & (a >= 2.0**-60) & (a <= 2.0**60)
+      for a, b, c in zip(uu, uo, ua)]))
 
   def direct():
-    return [jnp.ones([], acc)] * len(uu), uu, uo
+    return [jnp.ones([], acc)] * len(uu), uu, uo, ua
 
   def rescaled():
     m = [_max_abs(g, acc) for g in gjs]
     scales = [_safe_scale(x) for x in _group_max(m, per_leaf)]
     return (scales, *sums(expand(scales)))
 
-  scales, uu, uo = jax.lax.cond(ok, direct, rescaled)
-  return expand(scales), uu, uo
+  scales, uu, uo, ua = jax.lax.cond(ok, direct, rescaled)
+  return expand(scales), uu, uo, ua
 
 
 def _group_max(values: list[jax.Array], per_leaf: bool) -> list[jax.Array]:
   return values if per_leaf else [jnp.max(jnp.stack(values))]
 
 
-def _conflict_and_coef(uu: jax.Array, uo: jax.Array):
-  # NaN or inf inner products count as "no conflict": the projection is then
-  # skipped, so a non-finite leaf stays confined to itself (global mode).
-  conflict = (uo < 0) & jnp.isfinite(uo) & jnp.isfinite(uu)
-  coef = jnp.where(conflict, uo / jnp.where(conflict, uu, 1.0), 0.0)
+def _group_sizes(leaves: list[jax.Array], per_leaf: bool) -> list[int]:
+  sizes = [x.size for x in leaves]
+  return sizes if per_leaf else [sum(sizes)]
+
+
+def _conflict_and_coef(uu: jax.Array, uo: jax.Array, ua: jax.Array, size: int,
+                       out_eps: float):
+  """(conflict, k): d = gJ + lam (gO - k u); k = 0 without a conflict.
+
+  Rounding is accounted for, so that <d, gJ> >= |gJ|^2 holds for the d that
+  is returned, at every ratio |gO| / |gJ| (the error of each element of d,
+  about eps |lam gO_i|, summed against gJ, exceeds |gJ|^2 once the ratio
+  nears 1 / eps). `slack` bounds two things, both in units of ua = sum |u gO|:
+  the rounding of the sum <u, gO> (reductions typically err by about
+  sqrt(size) roundings of ua; a wide margin is kept), and the rounding of the
+  elements of d in the output's precision, measured against u. The
+  projection runs unless <u, gO> >= slack, and k = (<u, gO> - slack) / |u|^2,
+  so it errs towards gJ by at most a few roundings of |gO|. NaN or inf sums
+  count as "no conflict": the projection is then skipped, so a non-finite
+  leaf stays confined to itself (global mode).
+  """
+  sum_slack = 2.0 * (size ** 0.5 + 2.0) * jnp.finfo(ua.dtype).eps * ua
+  slack = sum_slack + 4.0 * out_eps * (ua + jnp.abs(uo) + sum_slack)
+  finite = jnp.isfinite(uo) & jnp.isfinite(uu) & jnp.isfinite(ua)
+  conflict = (uo < slack) & (uu > 0) & finite
+  coef = jnp.where(conflict, (uo - slack) / jnp.where(conflict, uu, 1.0), 0.0)
   return conflict, coef
 
 
-def _direction(gj, go, scale, conflict, coef, lam):
+def _direction(gj, go, scale, coef, lam):
   c = _compute_dtype(gj, go)
-  gj32, go = gj.astype(c), go.astype(c)
-  reg = jnp.where(conflict, go - coef.astype(c) * (gj32 / scale.astype(c)), go)
+  gj32 = gj.astype(c)
+  reg = go.astype(c) - coef.astype(c) * (gj32 / scale.astype(c))
   return (gj32 + lam.astype(c) * reg).astype(gj.dtype)
+
+
+def _check_update_args(updates: Any, regularizer_grads: Any) -> None:
+  if regularizer_grads is None:
+    raise TypeError(
+        "grod's update needs the keyword argument regularizer_grads: the"
+        " unweighted gradient of the regulariser, a pytree like updates,"
+        " e.g. tx.update(task_grads, state, params,"
+        " regularizer_grads=reg_grads) with (task_grads, reg_grads) from"
+        " optax_ortho.value_and_grads. With a Flax linen TrainState call"
+        " optax_ortho.apply_gradients(state, grads, regularizer_grads=...):"
+        " Flax's own state.apply_gradients(grads=..., regularizer_grads=...)"
+        " treats keywords as fields of the state and does not pass them to"
+        " the optimizer. With nnx call optimizer.update(model, grads,"
+        " regularizer_grads=...)."
+    )
+  checks.trees_match(regularizer_grads, updates, "regularizer_grads", "updates")
+  checks.float_leaves(updates, "updates")
+  checks.float_leaves(regularizer_grads, "regularizer_grads")
+
+
+def _check_state(state: Any, updates: Any, granularity: Granularity) -> None:
+  if not isinstance(state, GrodState):
+    raise TypeError(f"grod's update needs the GrodState its init returned, got"
+                    f" {type(state).__name__}.")
+  one_flag = jax.tree_util.treedef_is_leaf(jax.tree.structure(state.conflict))
+  one_leaf = jax.tree_util.treedef_is_leaf(jax.tree.structure(updates))
+  if granularity == "global" and not one_flag or (
+      granularity == "per_leaf" and one_flag and not one_leaf):
+    made = "global" if one_flag else "per_leaf"
+    raise ValueError(
+        f"the state of grod was made with granularity={made!r}, this transform"
+        f" has granularity={granularity!r}.")
+  if granularity == "per_leaf":
+    checks.trees_match(state.conflict, updates, "state.conflict", "updates", shapes=False)
 
 
 def grod(
@@ -193,18 +251,8 @@ def grod(
   def update_fn(updates, state, params=None, *, regularizer_grads=None,
                 **extra_args):
     del params, extra_args
-    if regularizer_grads is None:
-      raise TypeError(
-          "grod's update needs the keyword argument regularizer_grads: the"
-          " unweighted gradient of the regulariser, a pytree like updates,"
-          " e.g. tx.update(task_grads, state, params,"
-          " regularizer_grads=reg_grads) with (task_grads, reg_grads) from"
-          " optax_ortho.value_and_grads."
-      )
-    checks.trees_match(regularizer_grads, updates, "regularizer_grads",
-                       "updates")
-    checks.float_leaves(updates, "updates")
-    checks.float_leaves(regularizer_grads, "regularizer_grads")
+    _check_update_args(updates, regularizer_grads)
+    _check_state(state, updates, granularity)
     lam = (regularizer_weight(state.count) if callable(regularizer_weight)
            else regularizer_weight)
     lam = jnp.asarray(lam, jnp.float32)
@@ -215,12 +263,14 @@ def grod(
     if not leaves_j:
       return updates, GrodState(count, state.conflict)
     per_leaf = granularity == "per_leaf"
-    scales, uu, uo = _inner_products(leaves_j, leaves_o, per_leaf)
-    flags, coefs = zip(*[_conflict_and_coef(a, b) for a, b in zip(uu, uo)])
+    scales, uu, uo, ua = _inner_products(leaves_j, leaves_o, per_leaf)
+    out_eps = max(float(jnp.finfo(x.dtype).eps) for x in leaves_j)
+    flags, coefs = zip(*[_conflict_and_coef(*sums, size, out_eps) for *sums, size in
+                         zip(uu, uo, ua, _group_sizes(leaves_j, per_leaf))])
     if not per_leaf:
       flags, coefs = flags * len(leaves_j), coefs * len(leaves_j)
-    new = [_direction(gj, go, sc, f, cf, lam) for gj, go, sc, f, cf
-           in zip(leaves_j, leaves_o, scales, flags, coefs)]
+    new = [_direction(gj, go, sc, cf, lam) for gj, go, sc, cf
+           in zip(leaves_j, leaves_o, scales, coefs)]
     conflict = (jax.tree.unflatten(treedef, list(flags)) if per_leaf
                 else flags[0])
     return jax.tree.unflatten(treedef, new), GrodState(count, conflict)
