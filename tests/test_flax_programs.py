@@ -67,9 +67,13 @@ def _images(n=16):
 
 
 def _conv(name, features):
+  # No bias before BatchNorm, as in Flax's ResNet: its gradient is zero up to
+  # rounding, which Adam would turn into steps of +-lr that differ between the
+  # 8-device and the 1-device run.
   if name in ("opt", "ogd"):
-    return ortho_nn.OrthogonalConv(features, (3, 3), method="cayley" if name == "opt" else None)
-  return nn.Conv(features, (3, 3))
+    return ortho_nn.OrthogonalConv(features, (3, 3), use_bias=False,
+                                   method="cayley" if name == "opt" else None)
+  return nn.Conv(features, (3, 3), use_bias=False)
 
 
 def _dense(name, features):
@@ -289,7 +293,10 @@ class _Transformer(nn.Module):
   def __call__(self, tokens):
     x = nn.Embed(12, 8)(tokens)
     x = x + self.param("pos", nn.initializers.normal(0.02), x.shape[1:])
-    x = x + nn.SelfAttention(num_heads=2, qkv_features=8)(nn.LayerNorm()(x))
+    # No attention biases: the key bias's gradient is zero up to rounding, and
+    # orthonormalising it (the default view of a 2-D leaf) or Adam would turn
+    # that noise into steps of size lr.
+    x = x + nn.SelfAttention(num_heads=2, qkv_features=8, use_bias=False)(nn.LayerNorm()(x))
     h = nn.Dense(8)(nn.relu(nn.Dense(16)(nn.LayerNorm()(x))))
     return nn.Dense(NUM_CLASSES)((x + h).mean(axis=1))
 
