@@ -310,7 +310,8 @@ def test_grod_nan_stays_in_its_leaf_per_leaf():
   gj = {"a": jnp.array([1.0, jnp.nan]), "b": jnp.array([1.0, 0.0])}
   go = {"a": jnp.array([1.0, 1.0]), "b": jnp.array([-1.0, 1.0])}
   out, state = jax.jit(tx.update)(gj, tx.init(gj), None, regularizer_grads=go)
-  np.testing.assert_allclose(out["b"], [1.0, 1.0])  # projected: <gJ, gO> < 0
+  # projected: <gJ, gO> < 0 (towards gJ by a few roundings)
+  np.testing.assert_allclose(out["b"], [1.0, 1.0], rtol=1e-5)
   assert not _finite_tree(out["a"])
   assert bool(state.conflict["b"]) and not bool(state.conflict["a"])
 
@@ -341,7 +342,7 @@ def test_grod_empty_leaves():
   go = {"e": jnp.ones((0, 3)), "a": jnp.array([-1.0, 1.0])}
   out, _ = tx.update(gj, tx.init(gj), regularizer_grads=go)
   assert out["e"].shape == (0, 3)
-  np.testing.assert_allclose(out["a"], [1.0, 1.0])
+  np.testing.assert_allclose(out["a"], [1.0, 1.0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("weight,error", [

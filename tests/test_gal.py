@@ -9,11 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 import optax_ortho
-from tests.contract import ContractCase, contract_suite
+from tests.contract import ContractCase
+from tests.contract import contract_suite
 
 
 def cross_entropy(logits, labels):
@@ -311,7 +315,9 @@ def gal_extra_args(loss_fn, params, grads):
   del grads
   to_rows, from_rows = _rows_model(params)
   logits, vjp_fn = jax.vjp(to_rows, params)
-  row_loss = lambda z: loss_fn(from_rows(z))
+  def row_loss(z):
+    return loss_fn(from_rows(z))
+
   logits_grad = jax.grad(row_loss)(logits)
 
   def sample_loss(z):
@@ -417,7 +423,9 @@ def test_has_aux_returns_batch_stats_and_the_same_gradients():
 
 
 def test_per_sample_loss_is_a_clear_error():
-  per_sample = lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y)
+  def per_sample(z, y):
+    return optax.softmax_cross_entropy_with_integer_labels(z, y)
+
   with pytest.raises(ValueError, match=r"gal_value_and_grad: loss_fn.*scalar mean.*\(4,\)"):
     optax_ortho.gal_value_and_grad(lambda p, x: p, per_sample)(
         jnp.zeros((4, 3)), None, jnp.zeros(4, jnp.int32))
@@ -578,7 +586,7 @@ def test_sequence_model_flattens_tokens_into_the_batch():
 
   state = tx.init(params)
   losses = []
-  for i in range(8):
+  for _ in range(8):
     params, state, loss, grads = step(params, state)
     losses.append(float(loss))
   assert losses[-1] < losses[0]
@@ -586,3 +594,207 @@ def test_sequence_model_flattens_tokens_into_the_batch():
   ref = jax.grad(lambda p: loss_fn(apply_fn(p, tokens[:, :-1]), y))(params)
   _, grads, _ = vag(params, tokens[:, :-1], y)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), grads, ref)
+
+
+# ------------------------------------------------------------ data parallel
+
+_DEVICES = 8
+
+
+def _data_parallel_problem(safeguard, axis_name=None):
+  import flax.linen as nn
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(5)(nn.tanh(nn.Dense(16)(x)))
+
+  model = MLP()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2 * _DEVICES, 7)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 5, 2 * _DEVICES))
+  params = model.init(jax.random.key(0), x)
+  tx = optax.chain(
+      optax_ortho.gal(5, 0.1, alpha=0.1, beta=0.1, hidden_sizes=(8,),
+                      safeguard=safeguard, axis_name=axis_name),
+      optax.sgd(0.1))
+  value_and_grad = optax_ortho.gal_value_and_grad(model.apply, cross_entropy)
+
+  def step(params, state, x, y):
+    _, grads, gal_args = value_and_grad(params, x, y)
+    updates, state = tx.update(grads, state, params, **gal_args)
+    return optax.apply_updates(params, updates), state
+
+  return step, params, tx.init(params), x, y
+
+
+def _run(step, params, state, x, y, steps=3):
+  for _ in range(steps):
+    params, state = step(params, state, x, y)
+  return params, state
+
+
+def _replicate(tree):
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (_DEVICES,) + a.shape), tree)
+
+
+def _shards(a):
+  return a.reshape((_DEVICES, -1) + a.shape[1:])
+
+
+def _assert_same_run(got, ref):
+  # The remainder's direct form, l(z - eta g) - l(z) + eta <dl, g>, cancels:
+  # its float32 rounding, which differs with the batch's shape, is amplified.
+  (got_params, (got_gal, got_sgd)), (ref_params, (ref_gal, ref_sgd)) = got, ref
+  np.testing.assert_allclose(got_gal.remainder, ref_gal.remainder, rtol=1e-2)
+  got = (got_params, got_gal._replace(remainder=0.0), got_sgd)
+  ref = (ref_params, ref_gal._replace(remainder=0.0), ref_sgd)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+               got, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("safeguard", ["per_sample", "batch"])
+def test_axis_name_makes_8_devices_equal_1_device(safeguard):
+  if jax.device_count() < _DEVICES:
+    pytest.skip("needs 8 devices (jax_num_cpu_devices=8 in conftest.py)")
+  step, params, state, x, y = _data_parallel_problem(safeguard)
+  ref = _run(jax.jit(step), params, state, x, y)
+  assert 0 < float(ref[1][0].accepted_fraction)
+
+  step, params, state, x, y = _data_parallel_problem(safeguard, axis_name="batch")
+  pmapped = jax.pmap(step, axis_name="batch")
+  got = _run(pmapped, _replicate(params), _replicate(state), _shards(x), _shards(y))
+  for device in (0, _DEVICES - 1):
+    _assert_same_run(jax.tree.map(lambda a, d=device: a[d], got), ref)
+
+  mesh = jax.make_mesh((_DEVICES,), ("batch",), axis_types=(AxisType.Explicit,))
+  P = PartitionSpec
+  mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+                                 out_specs=(P(), P())))
+  batch, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+  _assert_same_run(_run(mapped, jax.device_put(params, replicated),
+                        jax.device_put(state, replicated),
+                        jax.device_put(x, batch), jax.device_put(y, batch)), ref)
+
+
+@pytest.mark.slow
+def test_per_device_gal_without_axis_name_differs():
+  """What axis_name fixes: without it each device adjusts on its own shard."""
+  if jax.device_count() < _DEVICES:
+    pytest.skip("needs 8 devices (jax_num_cpu_devices=8 in conftest.py)")
+  step, params, state, x, y = _data_parallel_problem("per_sample")
+  ref = _run(jax.jit(step), params, state, x, y)
+  got = _run(jax.pmap(step, axis_name="batch"), _replicate(params), _replicate(state),
+             _shards(x), _shards(y))
+  first = jax.tree.map(lambda a: a[0], got)
+  assert not np.allclose(first[1][0].adjuster_params, ref[1][0].adjuster_params, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_jit_with_a_sharded_global_batch_needs_no_axis_name():
+  if jax.device_count() < _DEVICES:
+    pytest.skip("needs 8 devices (jax_num_cpu_devices=8 in conftest.py)")
+  step, params, state, x, y = _data_parallel_problem("batch")
+  ref = _run(jax.jit(step), params, state, x, y)
+  mesh = jax.make_mesh((_DEVICES,), ("batch",), axis_types=(AxisType.Explicit,))
+  batch = NamedSharding(mesh, PartitionSpec("batch"))
+  xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  got = _run(jax.jit(step), jax.device_put(params, replicated),
+             jax.device_put(state, replicated), xs, ys)
+  _assert_same_run(got, ref)
+
+
+# ------------------------------------------------------------------ nnx
+
+
+def _pure_vjp(vjp, cotangent):
+  from flax import nnx
+  return nnx.as_pure(vjp(cotangent))
+
+
+@pytest.mark.slow
+def test_nnx_recipe_with_batchnorm_and_dropout():
+  """The recipe of the GAL page: nnx.split, a pure copy of the other state."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(6, 16, rngs=rngs)
+      self.norm = nnx.BatchNorm(16, rngs=rngs)
+      self.drop = nnx.Dropout(0.2, rngs=rngs)
+      self.out = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.drop(nnx.relu(self.norm(self.hidden(x)))))
+
+  model = Net(nnx.Rngs(0))
+  lr = 0.05
+  tx = optax.chain(optax_ortho.gal(3, lr, alpha=0.1, beta=0.1, hidden_sizes=(8,)),
+                   optax.adam(lr))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rest = nnx.as_pure(rest)  # BatchStat, RNG counts: updated on a copy
+
+    def apply_fn(params, x):
+      copy = nnx.merge(graphdef, params, rest)
+      return copy(x), nnx.as_pure(nnx.state(copy, nnx.Not(nnx.Param)))
+
+    (loss, new_rest), grads, gal_args = optax_ortho.gal_value_and_grad(
+        apply_fn, cross_entropy, has_aux=True)(params, x, y)
+    nnx.update(model, new_rest)
+    # nnx.Optimizer hands tx.update pure arrays; gal_vjp must return them too.
+    gal_args["gal_vjp"] = jax.tree_util.Partial(_pure_vjp, gal_args["gal_vjp"])
+    optimizer.update(model, grads, **gal_args)
+    return loss
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((32, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 32))
+  mean0 = np.array(model.norm.mean[...])
+  count0 = int(model.drop.rngs.count[...])
+  losses = [float(train_step(model, optimizer, x, y)) for _ in range(15)]
+  assert np.abs(np.array(model.norm.mean[...]) - mean0).max() > 0  # statistics move
+  assert np.mean(losses[-3:]) < losses[0]
+  gal_state = optimizer.opt_state[0]
+  assert int(gal_state.count[...]) == 15
+  assert float(gal_state.accepted_fraction[...]) > 0
+  assert int(model.drop.rngs.count[...]) == count0 + 15  # a new dropout key per step
+
+
+@pytest.mark.slow  # six small compiles: about a minute on a loaded machine
+def test_diabetes_benchmark_runs_tiny(tmp_path):
+  path = __import__("pathlib").Path(__file__).parent.parent / "benchmarks" / "gal_diabetes.py"
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("_gal_diabetes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = module.main(["--seeds", "2", "--epochs", "1", "--json", str(tmp_path / "d.json")])
+  assert (tmp_path / "d.json").exists()
+  for row in out["protocols"].values():
+    low, high = row["gal_minus_baseline"]["ci95"]
+    assert low <= row["gal_minus_baseline"]["mean"] <= high
+    assert all(np.isfinite(v) for v in row["mae_mean"].values())
+
+
+@pytest.mark.slow
+def test_parameter_term_added_after_gal():
+  """The GAL page's recipe: L2 on the parameters via add_decayed_weights after GAL."""
+  apply_fn, params, x, y = _mlp_problem()
+  weight = 0.1
+  tx = optax.chain(optax_ortho.gal(5, 0.1, alpha=0.0, beta=0.1, hidden_sizes=(8,)),
+                   optax.add_decayed_weights(weight))
+  _, grads, gal_args = optax_ortho.gal_value_and_grad(apply_fn, cross_entropy)(params, x, y)
+  updates, _ = jax.jit(lambda g, s, p, a: tx.update(g, s, p, **a))(
+      grads, tx.init(params), params, gal_args)
+
+  def total(p):
+    l2 = sum(jnp.sum(w * w) for w in jax.tree.leaves(p))
+    return cross_entropy(apply_fn(p, x), y) + 0.5 * weight * l2
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               updates, jax.grad(total)(params))

@@ -240,7 +240,7 @@ def test_descent_at_every_ratio(log_ratio, seed, lam, mode, granularity, dtype):
     assert inner >= nsq * (1 - 4 * float(jnp.finfo(dtype).eps)), (inner / nsq, ratio)
 
 
-def test_issue_ratios_keep_the_task_component():
+def test_large_ratios_keep_the_task_component():
   rng = np.random.default_rng(0)
   gj = rng.standard_normal(64)
   go = rng.standard_normal(64)

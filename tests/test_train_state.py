@@ -265,3 +265,70 @@ def test_nnx_optimizer_recipe(kind):
     params = optax.apply_updates(params, updates)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                nnx.as_pure(nnx.state(model, nnx.Param)), params)
+
+
+# ------------------------------------------- nnx with BatchNorm and Dropout
+
+
+class NnxBNDropout(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(6, 16, rngs=rngs)
+    self.bn = nnx.BatchNorm(16, rngs=rngs)
+    self.dropout = nnx.Dropout(0.2, rngs=rngs)
+    self.out = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.dropout(nnx.relu(self.bn(self.hidden(x)))))
+
+
+@nnx.jit
+def _nnx_gnp_step(model, optimizer, x, y):
+  # The documented recipe: pure arrays of all but the parameters, taken
+  # before the step, so the perturbed pass runs on a copy and leaves the
+  # model's BatchNorm statistics and dropout counter alone.
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  rest = nnx.as_pure(rest)
+
+  def loss_fn(model):
+    return ce(model(x), y)
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  grad_fn = jax.grad(lambda params: loss_fn(nnx.merge(graphdef, params, rest)))
+  optimizer.update(model, grads, grad_fn=grad_fn)
+  return loss
+
+
+@nnx.jit
+def _nnx_grod_step(model, optimizer, x, y):
+  # Both losses from one pass on a copy built from pure arrays; the copy's
+  # new BatchNorm statistics and dropout counter come back as aux.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rest = nnx.as_pure(rest)
+
+  def losses(params):
+    copy = nnx.merge(graphdef, params, rest)
+    task = ce(copy(x), y)
+    reg = 0.5 * sum(jnp.sum(w ** 2) for w in jax.tree.leaves(params))
+    return (task, reg), nnx.as_pure(nnx.state(copy, nnx.Not(nnx.Param)))
+
+  ((loss, _), new_rest), (g_task, g_reg) = optax_ortho.value_and_grads(
+      losses, has_aux=True)(params)
+  nnx.update(model, new_rest)  # the statistics and counters of this pass
+  optimizer.update(model, g_task, regularizer_grads=g_reg)
+  return loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gnp", "grod"])
+def test_nnx_recipe_with_batchnorm_and_dropout(kind):
+  model = NnxBNDropout(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, _tx(kind), wrt=nnx.Param)
+  step = _nnx_gnp_step if kind == "gnp" else _nnx_grod_step
+  stats0 = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
+  losses = [float(step(model, optimizer, X, Y)) for _ in range(8)]
+  stats = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(stats),
+                                                     jax.tree.leaves(stats0)))
+  assert min(losses[-3:]) < losses[0], losses
+  assert all(np.isfinite(losses))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(stats))

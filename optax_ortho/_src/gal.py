@@ -217,23 +217,51 @@ def _layout_hint(state: GalState) -> str:
 
 
 def _backprop(config: _Config, gal_vjp: Callable, chosen: jax.Array,
-              logits_dtype: Any, updates: Any) -> Any:
+              logits: jax.Array, updates: Any) -> Any:
   """The parameter gradient of the chosen logit gradients, in `updates`' dtypes.
 
   With an `axis_name` it is averaged over the devices: the mean loss over the
   global batch is the mean of the devices' mean losses (equal shards).
   """
-  new_updates = gal_vjp(chosen.astype(logits_dtype))
+  new_updates = gal_vjp(chosen.astype(logits.dtype))
   checks.trees_match(new_updates, updates, "gal_vjp(logit gradients)", "updates")
   checks.float_leaves(new_updates, "gal_vjp(logit gradients)")
-  new_updates = _mean_over_devices(config, new_updates)
+  new_updates = _mean_over_devices(config, logits, new_updates, gradients=True)
   return jax.tree.map(lambda n, u: n.astype(u.dtype), new_updates, updates)
 
 
-def _mean_over_devices(config: _Config, tree: Any) -> Any:
-  if config.axis_name is None:
+def _varies(x: Any, axis_name: Any) -> bool:
+  """Whether `x`'s type says it differs along `axis_name` (shard_map tracks it)."""
+  aval = jax.typeof(x)
+  varying = getattr(aval, "vma", None)
+  if varying is None:
+    varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  varying = varying or frozenset()
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  return any(name in varying for name in names)
+
+
+def _mean_over_devices(config: _Config, logits: jax.Array, tree: Any, *,
+                       gradients: bool = False) -> Any:
+  """The mean over the mapped axis of per-device values computed from `logits`.
+
+  Under `shard_map` (which tracks what varies along an axis) a value that
+  does not vary is the same on every device already, except a gradient with
+  respect to a replicated input (the model's or the adjuster's parameters):
+  AD has summed it over the axis, so it is divided by the axis size. Under
+  `pmap` nothing is tracked and every value is per device.
+  """
+  axis = config.axis_name
+  if axis is None:
     return tree
-  return jax.lax.pmean(tree, config.axis_name)
+  tracked = _varies(logits, axis)
+
+  def mean(x):
+    if tracked and not _varies(x, axis):
+      return x / jax.lax.psum(1, axis) if gradients else x
+    return jax.lax.pmean(x, axis)
+
+  return jax.tree.map(mean, tree)
 
 
 def _remainder(sample_loss: Callable, z: jax.Array, l0: jax.Array,
@@ -311,23 +339,25 @@ def _heal(config: _Config, state: GalState) -> GalState:
   skipped and the safeguard would reject every adjusted gradient for good.
   """
   healthy = _all_finite((state.adjuster_params, state.adjuster_opt_state))
-  fresh_params, fresh_opt_state = _fresh_adjuster(config, state.key)
+  # A cond, not a select: the initialisation runs only when it is needed.
+  params, opt_state = jax.lax.cond(
+      healthy, lambda: (state.adjuster_params, state.adjuster_opt_state),
+      lambda: _fresh_adjuster(config, state.key))
   return state._replace(
-      adjuster_params=jnp.where(healthy, state.adjuster_params, fresh_params),
-      adjuster_opt_state=optax.tree.where(healthy, state.adjuster_opt_state,
-                                          fresh_opt_state),
+      adjuster_params=params, adjuster_opt_state=opt_state,
       adjuster_resets=state.adjuster_resets + jnp.where(healthy, 0, 1).astype(jnp.int32),
   )
 
 
-def _train_adjuster(config: _Config, state: GalState, adj_loss: jax.Array,
-                    adj_grads: jax.Array) -> GalState:
+def _train_adjuster(config: _Config, state: GalState, logits: jax.Array,
+                    adj_loss: jax.Array, adj_grads: jax.Array) -> GalState:
   """One step of the adjuster's optimizer; a non-finite step is skipped, not stored.
 
   With an `axis_name` the loss and its gradient are averaged over the devices
   first, so every device takes the same step and the adjusters stay equal.
   """
-  adj_loss, adj_grads = _mean_over_devices(config, (adj_loss, adj_grads))
+  adj_loss = _mean_over_devices(config, logits, adj_loss)
+  adj_grads = _mean_over_devices(config, logits, adj_grads, gradients=True)
   adj_updates, adj_opt_state = config.adjuster_optimizer.update(
       adj_grads, state.adjuster_opt_state, state.adjuster_params)
   adj_params = optax.apply_updates(state.adjuster_params, adj_updates)
@@ -373,7 +403,7 @@ def _update(config: _Config, updates: Any, state: GalState, params: Any = None, 
   if gal_logits.shape[0] == 0:
     # An empty batch has nothing to adjust or to train the adjuster on: its
     # means would be NaN. Keep the state, count the step.
-    return (_backprop(config, gal_vjp, gal_logits_grad, gal_logits.dtype, updates),
+    return (_backprop(config, gal_vjp, gal_logits_grad, gal_logits, updates),
             state._replace(count=count))
   state = _heal(config, state)
   compute = jnp.promote_types(gal_logits.dtype, jnp.float32)
@@ -394,10 +424,10 @@ def _update(config: _Config, updates: Any, state: GalState, params: Any = None, 
           state.adjuster_params, config, sample_loss, z, l0, grad_l, alpha, eta)
   accept = _accept(config, change)
   chosen = jnp.where(accept[:, None], _adjust(dz, v, alpha), dz)
-  accepted = _mean_over_devices(config, jnp.mean(accept.astype(jnp.float32)))
-  new_state = _train_adjuster(config, state, adj_loss, adj_grads)._replace(
+  accepted = _mean_over_devices(config, z, jnp.mean(accept.astype(jnp.float32)))
+  new_state = _train_adjuster(config, state, z, adj_loss, adj_grads)._replace(
       count=count, accepted_fraction=accepted)
-  return _backprop(config, gal_vjp, chosen, gal_logits.dtype, updates), new_state
+  return _backprop(config, gal_vjp, chosen, gal_logits, updates), new_state
 
 
 def gal(

@@ -152,7 +152,8 @@ def _split_difference(g1: Any, g2: Any, unit: Any, finite: jax.Array,
   d = jax.tree.map(lambda a, b: (b - a.astype(b.dtype)) * inv_r.astype(b.dtype), g1, g2)
   # Sums of products, not vdot: a contraction over a sharded axis of an
   # Explicit mesh would need its output sharding spelled out.
-  s = sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(d), jax.tree.leaves(u)))
+  s = sum((jnp.sum(x * y) for x, y in zip(jax.tree.leaves(d), jax.tree.leaves(u))),
+          jnp.zeros([], jnp.float32))
   w = jax.tree.map(lambda x, y: x - s.astype(x.dtype) * y, d, u)
   return w, s
 
@@ -175,6 +176,26 @@ def _kept_if_finite(new: Any, old: Any) -> Any:
   """`new` in the dtypes of `old` if all of it is finite, else `old`: the state stays finite."""
   ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)]))
   return jax.tree.map(lambda n, o: jnp.where(ok, n.astype(o.dtype), o), new, old)
+
+
+def _refresh_or_reuse(refresh_now: jax.Array, refresh: Callable, reuse: Callable) -> Any:
+  """`lax.cond(refresh_now, refresh, reuse)`, except for convolutions on CPU.
+
+  XLA's CPU backend runs a convolution inside a conditional branch (any
+  nested computation) many times slower than in straight-line code, far more
+  than the skipped pass saves. When the second gradient involves a
+  convolution, CPU therefore computes both branches and selects the result;
+  GPU and TPU, and every model without convolutions, run the branch.
+  """
+  def branch(pred):
+    return jax.lax.cond(pred, refresh, reuse)
+
+  def select(pred):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), refresh(), reuse())
+
+  if "conv_general_dilated" not in str(jax.make_jaxpr(refresh)()):
+    return branch(refresh_now)
+  return jax.lax.platform_dependent(refresh_now, cpu=select, default=branch)
 
 
 def _check_update_args(updates: Any, params: Any, grad_fn: Any,
@@ -476,7 +497,7 @@ def gradient_norm_penalty(
         g2 = _reused_second_gradient(updates, unit, finite, r, state)
         return g2, (state.orthogonal, state.parallel)
 
-      g2, (orthogonal, parallel) = jax.lax.cond(
+      g2, (orthogonal, parallel) = _refresh_or_reuse(
           state.count % jnp.maximum(refresh_every, 1) == 0, refresh, reuse)
       new_state = new_state._replace(orthogonal=orthogonal, parallel=parallel)
     if normalize_g1:

@@ -225,7 +225,7 @@ def grod(
     >>> state = tx.init(params)
     >>> updates, state = tx.update(g_task, state, params, regularizer_grads=g_reg)
     >>> params = optax.apply_updates(params, updates)
-    >>> print(params["w"])
+    >>> print(params["w"].round(4))
     [2.1 1.8]
 
   References:
