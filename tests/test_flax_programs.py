@@ -296,7 +296,8 @@ class _Transformer(nn.Module):
     # No attention biases: the key bias's gradient is zero up to rounding, and
     # orthonormalising it (the default view of a 2-D leaf) or Adam would turn
     # that noise into steps of size lr.
-    x = x + nn.SelfAttention(num_heads=2, qkv_features=8, use_bias=False)(nn.LayerNorm()(x))
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, use_bias=False)(h)
     h = nn.Dense(8)(nn.relu(nn.Dense(16)(nn.LayerNorm()(x))))
     return nn.Dense(NUM_CLASSES)((x + h).mean(axis=1))
 
