@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 import optax_ortho
 from optax_ortho import testing
 from optax_ortho._src import polar as polar_lib
+from optax_ortho._src.polar import cpu
+from optax_ortho._src.polar import guard
+from optax_ortho._src.polar import iterations
 
 EXACT = ("svd", "gram", "auto")
 ITERATIVE = ("newton_schulz", "polar_express")
@@ -128,7 +131,7 @@ def test_auto_gram_iteration_is_exact(n, cond):
   ref = testing.polar_reference(a)
   err = np.linalg.norm(np.asarray(q, np.float64) - ref) / np.linalg.norm(ref)
   assert err < 3e-6, err
-  q_iter, ok = jax.jit(polar_lib._gram_iterate)(polar_lib._unit_scale(a))
+  q_iter, ok = jax.jit(iterations.gram_iterate)(guard.unit_scale(a))
   np.testing.assert_array_equal(ok, True)
   np.testing.assert_allclose(q_iter, q, atol=1e-6)
 
@@ -143,7 +146,7 @@ def test_auto_gram_iteration_rejects_ill_conditioned_and_rank_deficient():
   rank3 = _with_singular_values(64, np.r_[np.ones(3), np.zeros(n - 3)], 2)
   good = _with_singular_values(64, np.geomspace(1, 0.5, n), 3)
   a = np.stack([ill, worse, rank3, np.zeros((64, n), np.float32), good])
-  _, ok = jax.jit(polar_lib._gram_iterate)(polar_lib._unit_scale(a))
+  _, ok = jax.jit(iterations.gram_iterate)(guard.unit_scale(a))
   np.testing.assert_array_equal(ok, [False, False, False, False, True])
   q, flags = _jit_auto_stack(jnp.asarray(a), jnp.ones(5, bool))
   np.testing.assert_array_equal(flags, [False, False, False, False, True])
@@ -156,13 +159,17 @@ def test_auto_gram_iteration_rejects_ill_conditioned_and_rank_deficient():
   np.testing.assert_array_equal(flags_off, [False, False, False, False, True])
 
 
-_jit_auto_parts = jax.jit(polar_lib.auto_polar_parts)
+@jax.jit
+def _jit_auto_parts(parts, flags):
+  return polar_lib.auto_polar_groups([parts], [flags])[0]
 
 
 def _general_route(parts, flags):
+  # The stacked route of wider matrices: guarded, one `eigh` per flagged
+  # matrix, the SVD where its check fails.
   a = jnp.concatenate(parts)
-  return polar_lib._auto_guarded(polar_lib._auto_cpu, a, flags,
-                                 polar_lib.default_eps(*a.shape[-2:]))
+  return guard.guarded_auto(cpu._eigh_then_svd, a, flags,
+                            polar_lib.default_eps(*a.shape[-2:]))
 
 
 @pytest.mark.parametrize("case", [
@@ -170,10 +177,11 @@ def _general_route(parts, flags):
     "one_ill_conditioned", "one_rank_deficient", "nan", "inf", "zero",
     "flag_off"])
 def test_auto_lean_route_equals_the_general_route(case):
-  # On CPU a float32 group of at most 64 columns takes `_auto_cpu_lean`: each
+  # On CPU a float32 group of at most 64 columns takes the checked Gram
+  # iteration (`cpu._iterate`): each
   # part keeps its own buffer, G = a^T a of every part is stacked, and the
   # guards (finite, scale) are read off G's diagonal. Whatever the input, it
-  # must give the factors and flags of the general route (stacked, zeroed,
+  # must give the factors and flags of the stacked route (stacked, zeroed,
   # unit-scaled, SVD where the check fails).
   n = 16
   mats = [_with_singular_values(48, np.geomspace(1, 1 / c, n), i)
@@ -250,7 +258,7 @@ def test_auto_groups_of_one_width_share_the_iteration(bad):
 def test_auto_eigh_route_every_flag_pattern(n, dtype, flags):
   # Wider than the iteration's limit, or float64: one `eigh` per flagged
   # matrix, made without a `cond` when every flag of the stack is set
-  # (`polar._masked_map`), then the SVD for those that failed the check or
+  # (`cpu._masked_map`), then the SVD for those that failed the check or
   # were not flagged. The factor and the new flags never depend on the path.
   good = _with_singular_values(3 * n, np.geomspace(1, 0.3, n), 0)
   ill = _with_singular_values(3 * n, np.geomspace(1, 1e-3, n), 1)

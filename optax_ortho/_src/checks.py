@@ -63,7 +63,7 @@ def positive_int(value: Any, name: str, *, static_arg: bool = False) -> None:
       `optax.inject_hyperparams` (as a static argument): for arguments that
       fix shapes or loop counts.
   """
-  if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
     return
   hint = ""
   if static_arg:
@@ -183,14 +183,14 @@ _LAPACK_UNROLL = 16
 def lapack_map(fn: Callable, xs: Any) -> Any:
   """`fn` over the leading axis of `xs`, one unbatched LAPACK call per matrix.
 
-  The CPU form of a per-matrix solver call (DESIGN.md, "Platform hazards":
+  The CPU form of a per-matrix solver call (docs/architecture.md, "Platform hazards":
   jaxlib 0.10.2's batched CPU LAPACK kernels hung on 2 cores; unbatched calls
   never did, also 40 at once in 320 runs). The calls are unrolled in blocks of
   `_LAPACK_UNROLL`, so that XLA:CPU runs independent ones concurrently on its
   intra-op threads, where a `jax.lax.map` loop runs one at a time and jaxlib
   calls LAPACK with one BLAS thread each. Measured on 2 cores: four 512x512
   SVDs in 0.56-0.63x the loop's time, eight `eigh`s in 0.74x. Calls behind a
-  runtime `cond` still run one at a time (see `polar._masked_map`).
+  runtime `cond` still run one at a time (see `polar.cpu._masked_map`).
   """
   k = jax.tree_util.tree_leaves(xs)[0].shape[0]
   if k == 1:  # a scan of length 1 still lowers to a loop
