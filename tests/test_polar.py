@@ -344,3 +344,53 @@ def test_nan_matrix_stays_in_its_slot():
     q = np.asarray(_jit_polar(a, method=method))
     assert np.isnan(q[1]).any(), method
     assert np.isfinite(q[[0, 2]]).all(), method
+
+
+def _grad_cases():
+  rng = np.random.default_rng(11)
+  full = rng.standard_normal((6, 4)).astype(np.float32)
+  rank1 = np.outer(rng.standard_normal(6), rng.standard_normal(4)).astype(np.float32)
+  return {"zero": np.zeros((6, 4), np.float32), "rank1": rank1, "full": full,
+          "wide": full.T.copy()}
+
+
+@pytest.mark.parametrize("method", EXACT + ITERATIVE)
+def test_gradients_are_finite(method):
+  # jax.grad through the factor (meta-learning): differentiating the SVD or
+  # eigh divides by differences of equal singular values (0 / 0 on a zero
+  # or rank-1 matrix); the polar derivative drops the dropped directions.
+  tx = optax_ortho.orthonormalize(method)
+  w = jnp.asarray(np.random.default_rng(12).standard_normal((6, 4)), jnp.float32)
+
+  @jax.jit
+  def grads(x):
+    wx = w if x.shape == w.shape else w.T
+    g = jax.grad(lambda x: jnp.sum(optax_ortho.polar(x, method=method) * wx))(x)
+    state = tx.init({"k": x})
+    g_tx = jax.grad(lambda x: jnp.sum(tx.update({"k": x}, state)[0]["k"] * wx))(x)
+    return g, g_tx
+
+  for case, a in _grad_cases().items():
+    g, g_tx = grads(jnp.asarray(a))
+    assert np.all(np.isfinite(g)) and np.all(np.isfinite(g_tx)), case
+    if case == "zero":
+      np.testing.assert_array_equal(g, 0.0)
+      np.testing.assert_array_equal(g_tx, 0.0)
+    if method in EXACT:
+      np.testing.assert_allclose(g_tx, g, atol=1e-4, err_msg=case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("case", ["full", "wide"])
+def test_exact_gradient_equals_finite_differences(method, case):
+  a = _grad_cases()[case].astype(np.float64)
+  rng = np.random.default_rng(13)
+  w, d = rng.standard_normal(a.shape), rng.standard_normal(a.shape)
+  with jax.enable_x64(True):
+    def loss(x):
+      return jnp.sum(optax_ortho.polar(x, method=method) * w)
+
+    step = 1e-5
+    fd = (loss(a + step * d) - loss(a - step * d)) / (2 * step)
+    np.testing.assert_allclose(jnp.sum(jax.grad(loss)(jnp.asarray(a)) * d), fd, rtol=1e-5)

@@ -55,12 +55,27 @@ def _alias(
     checks.float_leaves(updates, "updates")
     if params is not None:
       checks.trees_match(params, updates, "params", "updates")
+    _check_moments(state, updates)
     new, state = inner.update(
         up(updates), state, None if params is None else up(params),
         **extra_args)
     return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_moments(state: Any, updates: Any) -> None:
+  """Every part of `state` with the gradients' tree (optax's moments, a
+  momentum trace) has their shapes: a state restored for other parameters
+  fails naming its leaf instead of broadcasting."""
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(updates)):
+    return
+  parts = jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda x: checks.same_structure(x, updates))[0]
+  for path, part in parts:
+    if checks.same_structure(part, updates):
+      checks.trees_match(part, updates, f"state{jax.tree_util.keystr(path)}",
+                         "updates")
 
 
 class OrthonormalizeState(NamedTuple):
@@ -225,6 +240,11 @@ def orthonormalize(
         leaves, mv.resolve_dimension_numbers(updates, dimension_numbers))
     parts = [[mv.to_stack(leaves[i], views[i], compute) for i in idx]
              for (_, _, compute), idx in groups.items()]
+    if stateful and not isinstance(state, OrthonormalizeState):
+      raise TypeError(
+          "orthonormalize('auto').update expects the OrthonormalizeState that"
+          f" its init returns (tx.init(params)), got {type(state).__name__}:"
+          f" {state!r:.200}.")
     if stateful:
       use_gram = _split_flags(state.use_gram,
                               [sum(x.shape[0] for x in p) for p in parts])

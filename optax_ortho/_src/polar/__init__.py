@@ -19,6 +19,7 @@ from optax_ortho._src import checks
 from optax_ortho._src.polar.auto import GRAM_MIN_ASPECT
 from optax_ortho._src.polar.auto import auto_polar_groups
 from optax_ortho._src.polar.auto import auto_polar_stack
+from optax_ortho._src.polar.derivative import polar_jvp
 from optax_ortho._src.polar.exact import gram_polar
 from optax_ortho._src.polar.exact import noise_floor
 from optax_ortho._src.polar.exact import svd_polar
@@ -67,15 +68,25 @@ def polar_stack(
   eps = default_eps(m, n) if eps is None else eps
   if method == "auto" and m >= GRAM_MIN_ASPECT * n:
     return auto_polar_stack(a, jnp.ones(a.shape[:1], bool), eps).q
-  if method in ("svd", "auto"):
-    route = functools.partial(svd_polar, eps=eps)
-  elif method == "gram":
-    route = functools.partial(gram_polar, eps=eps)
-  elif method == "newton_schulz":
+  if method in ("svd", "gram", "auto"):
+    return _exact(a, "gram" if method == "gram" else "svd", eps)
+  if method == "newton_schulz":
     route = functools.partial(newton_schulz_polar, steps=ns_steps)
   else:
     route = functools.partial(polar_express_polar, steps=ns_steps)
   return guarded(route, a)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _exact(a: jax.Array, method: str, eps: float) -> jax.Array:
+  route = gram_polar if method == "gram" else svd_polar
+  return guarded(functools.partial(route, eps=eps), a)
+
+
+@_exact.defjvp
+def _exact_jvp(method, eps, primals, tangents):
+  q = _exact(primals[0], method, eps)
+  return q, polar_jvp(primals[0], q, tangents[0])
 
 
 def polar(

@@ -41,12 +41,27 @@ from optax_ortho._src.stacks import stack_parts
 # (entries below 2^-60 |G| are rounding noise there anyway).
 _CLEAN_RANGE = (2.0**-60, 2.0**120)
 
+# A group of more parts than this is stacked first: one product over the
+# stack compiles in a fraction of the time of one product per part (models
+# of hundreds of same-shaped layers), while the few big parts of a usual
+# group are cheaper to leave where they lie.
+_MAX_PARTS = 8
+
 Groups = list[list[jax.Array]]
 
 
 def route_groups(groups: Groups, use_gram: list[jax.Array],
                  eps: list[float]) -> list[Factors]:
   """`"auto"` for groups of same-shaped parts on CPU, one `Factors` per group."""
+  many = [len(parts) > _MAX_PARTS for parts in groups]
+  found = _route_groups([[stack_parts(p)] if big else p for p, big in zip(groups, many)],
+                        use_gram, eps)
+  return [_split(Factors(f.q[0], f.use_gram), p) if big else f
+          for f, p, big in zip(found, groups, many)]
+
+
+def _route_groups(groups: Groups, use_gram: list[jax.Array],
+                  eps: list[float]) -> list[Factors]:
   out: list = [None] * len(groups)
   widths: dict[int, list[int]] = {}
   for i, parts in enumerate(groups):
@@ -165,6 +180,9 @@ def _masked_map(fn, mask: jax.Array, a: jax.Array) -> Factors:
   whose mask is all set, the usual case, makes the calls without a `cond`;
   one with some set pays the `cond`s; one with none makes no call.
   """
+  if a.shape[0] == 1:  # all or none: no per-matrix `cond` needed
+    return Factors(*jax.lax.cond(mask[0], lambda a: checks.lapack_map(fn, a),
+                                 no_factors, a))
   index = jnp.where(jnp.all(mask), 0, jnp.where(jnp.any(mask), 1, 2))
   return Factors(*jax.lax.switch(index, [
       lambda a, mask: checks.lapack_map(fn, a),

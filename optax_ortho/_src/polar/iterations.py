@@ -148,14 +148,24 @@ def ns_iterate(a: jax.Array, coeffs) -> jax.Array:
   return a @ p
 
 
+def _normalized(a: jax.Array, scale: float, eps: float) -> jax.Array:
+  """a / (scale ||a||_F + eps), with the zero matrix's derivative zero.
+
+  The norm's derivative at zero is 0 / 0; the factor is scale-invariant, so
+  no direction out of zero is preferred and zero is the natural choice.
+  """
+  sq = jnp.sum(jnp.square(a), axis=(-2, -1), keepdims=True)
+  live = sq > 0
+  norm = jnp.sqrt(jnp.where(live, sq, 1.0))
+  return jnp.where(live, a / (norm * scale + eps), 0.0)
+
+
 def newton_schulz_polar(a: jax.Array, steps: int) -> jax.Array:
-  norm = jnp.linalg.norm(a, axis=(-2, -1), keepdims=True)
-  return ns_iterate(a / (norm + MUON_NS_EPS), (MUON_NS_COEFFS,) * steps)
+  return ns_iterate(_normalized(a, 1.0, MUON_NS_EPS), (MUON_NS_COEFFS,) * steps)
 
 
 def polar_express_polar(a: jax.Array, steps: int) -> jax.Array:
-  norm = jnp.linalg.norm(a, axis=(-2, -1), keepdims=True)
   coeffs = tuple(itertools.islice(
       itertools.chain(POLAR_EXPRESS_COEFFS, itertools.repeat(POLAR_EXPRESS_COEFFS[-1])),
       steps))
-  return ns_iterate(a / (norm * 1.01 + 1e-7), coeffs)
+  return ns_iterate(_normalized(a, 1.01, 1e-7), coeffs)
