@@ -394,3 +394,25 @@ def test_exact_gradient_equals_finite_differences(method, case):
     step = 1e-5
     fd = (loss(a + step * d) - loss(a - step * d)) / (2 * step)
     np.testing.assert_allclose(jnp.sum(jax.grad(loss)(jnp.asarray(a)) * d), fd, rtol=1e-5)
+
+
+def test_auto_narrow_widths_share_a_padded_iteration():
+  # Widths 5 and 7 iterate with 8, 9 and 13 with 16, their Gram matrices
+  # padded with an identity block: the factors and flags are those each
+  # matrix has alone (the SVD's, its flag set up to cond 10).
+  groups, flags, mats = [], [], []
+  for gi, (n, cond) in enumerate([(5, 4.0), (7, 30.0), (8, 2.0), (9, 8.0), (13, 3.0)]):
+    a = _with_singular_values(3 * n, np.geomspace(1, 1 / cond, n), 40 + gi)[None]
+    groups.append([jnp.asarray(a)])
+    flags.append(jnp.ones(1, bool))
+    mats.append(a)
+  found = jax.jit(polar_lib.auto_polar_groups)(groups, flags)
+  for a, (q, _) in zip(mats, found):
+    np.testing.assert_allclose(q[0], testing.polar_reference(a), atol=2e-5)
+  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in found],
+                                [True, False, True, True, True])
+  # And the iteration itself accepts the padded well-conditioned ones.
+  widths8 = jax.jit(cpu._iterate)(groups[:3], flags[:3])
+  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in widths8], [True, False, True])
+  widths16 = jax.jit(cpu._iterate)(groups[3:], flags[3:])
+  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in widths16], [True, True])

@@ -41,6 +41,11 @@ from optax_ortho._src.stacks import stack_parts
 # (entries below 2^-60 |G| are rounding noise there anyway).
 _CLEAN_RANGE = (2.0**-60, 2.0**120)
 
+# Narrow widths share an iteration per power of two from this one up, their
+# Gram matrices padded (`_padded`): one iteration's products cost XLA:CPU
+# about a second of compile time, so a model of many distinct shapes would
+# otherwise compile for minutes.
+_MIN_WIDTH = 8
 # A group of more parts than this is stacked first: one product over the
 # stack compiles in a fraction of the time of one product per part (models
 # of hundreds of same-shaped layers), while the few big parts of a usual
@@ -65,63 +70,71 @@ def _route_groups(groups: Groups, use_gram: list[jax.Array],
   out: list = [None] * len(groups)
   widths: dict[int, list[int]] = {}
   for i, parts in enumerate(groups):
-    if parts[0].shape[-1] <= ITER_MAX_N and parts[0].dtype == jnp.float32:
-      widths.setdefault(parts[0].shape[-1], []).append(i)
+    n = parts[0].shape[-1]
+    if n <= ITER_MAX_N and parts[0].dtype == jnp.float32:
+      widths.setdefault(max(_MIN_WIDTH, 1 << (n - 1).bit_length()), []).append(i)
     else:
       out[i] = _stacked(parts, use_gram[i], eps[i])
-  sets = list(widths.values())
-  args = ([[groups[i] for i in idx] for idx in sets],
-          [[use_gram[i] for i in idx] for idx in sets],
-          [[eps[i] for i in idx] for idx in sets])
-  if len(sets) == 1:
-    done = _narrow(*args)
-  elif sets:
-    # One `cond` for every width: a tree whose narrow layers all take the SVD
-    # (low-rank or ill-conditioned layers) pays one, not one per width.
-    flags = jnp.concatenate([f for fs in args[1] for f in fs])
-    done = jax.lax.cond(jnp.any(flags), functools.partial(_narrow, eps=args[2]),
-                        functools.partial(_svd_widths, eps=args[2]), *args[:2])
-  for idx, res in zip(sets, done if sets else []):
-    for i, r in zip(idx, res):
+  for idx in widths.values():
+    done = _narrow([groups[i] for i in idx], [use_gram[i] for i in idx],
+                   [eps[i] for i in idx])
+    for i, r in zip(idx, done):
       out[i] = r
   return out
 
 
-def _narrow(widths: list[Groups], use_gram: list[list[jax.Array]],
-            eps: list[list[float]]) -> list[list[Factors]]:
-  """Each width: the iteration if any of its matrices is flagged, else the SVD."""
-  return [jax.lax.cond(jnp.any(jnp.concatenate(f)), functools.partial(_iterate, eps=e),
-                       functools.partial(_svd_groups, eps=e), g, f)
-          for g, f, e in zip(widths, use_gram, eps)]
+def _narrow(groups: Groups, use_gram: list[jax.Array], eps: list[float]) -> list[Factors]:
+  """The groups of one padded width: the iteration if any matrix is flagged, then the
+  SVD for those it did not bring home (one SVD call site per group, whatever
+  the flags: each costs XLA as much compile time as a branch of products)."""
+  flags = jnp.concatenate(use_gram)
+  found = jax.lax.cond(jnp.any(flags), _iterate, _unflagged, groups, use_gram)
+  ok = jnp.concatenate([f.use_gram for f in found])
+  return jax.lax.cond(jnp.all(ok), lambda found, *_: found,
+                      functools.partial(_repair, eps=eps), found, groups, use_gram)
 
 
-def _svd_widths(widths: list[Groups], use_gram: list[list[jax.Array]],
-                eps: list[list[float]]) -> list[list[Factors]]:
-  return [_svd_groups(g, f, e) for g, f, e in zip(widths, use_gram, eps)]
+def _unflagged(groups: Groups, use_gram: list[jax.Array]) -> list[Factors]:
+  return [Factors([jnp.zeros_like(x) for x in grp], jnp.zeros_like(f))
+          for grp, f in zip(groups, use_gram)]
 
 
-def _iterate(groups: Groups, use_gram: list[jax.Array],
-             eps: list[float]) -> list[Factors]:
-  """The checked Gram iteration of every matrix of one width, in one batch.
+def _iterate(groups: Groups, use_gram: list[jax.Array]) -> list[Factors]:
+  """The checked Gram iteration of every matrix of one padded width, in one batch.
 
   The iteration runs whatever the flags and guards say (products only: no
-  input can hang it); one `cond` then keeps the result, or sends the groups
-  with a failed matrix to `_repair`.
+  input can hang it); a matrix not flagged, not finite or out of range
+  comes out not ok. A Gram matrix narrower than the others is padded with
+  an identity block (each scaled to a largest diagonal entry of one):
+  polynomials of a block-diagonal matrix are block-diagonal, so its own
+  block of P is its factor, and the padding's eigenvalues, equal to the
+  largest possible, converge with the rest and leave the check as strict.
   """
   parts = [x for grp in groups for x in grp]
-  g = stack_parts([gram(x) for x in parts])
-  d = jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1)
+  grams = [gram(x) for x in parts]
+  width = max(g.shape[-1] for g in grams)
+  d = stack_parts([jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1) for g in grams])
   lo, hi = _CLEAN_RANGE
   clean = jnp.concatenate(use_gram) & (d >= lo) & (d <= hi)  # False on NaN
   scale = jnp.where(clean, d, jnp.ones((), d.dtype))[:, None, None]
-  p, ok = gram_factor(g / scale)
+  sizes = [x.shape[0] for x in parts]
+  g = stack_parts([_padded(gi / si, width)
+                   for gi, si in zip(grams, split_stack(scale, sizes))])
+  p, ok = gram_factor(g)
   ok = clean & ok
-  factor = iter(split_stack(p * jax.lax.rsqrt(scale), [x.shape[0] for x in parts]))
-  q = [[mm(x, next(factor)) for x in grp] for grp in groups]
+  factor = iter(split_stack(p * jax.lax.rsqrt(scale), sizes))
+  q = [[mm(x, next(factor)[:, :x.shape[-1], :x.shape[-1]]) for x in grp] for grp in groups]
   oks = split_stack(ok, [sum(x.shape[0] for x in grp) for grp in groups])
-  found = [Factors(qi, oki) for qi, oki in zip(q, oks)]
-  return jax.lax.cond(jnp.all(ok), lambda found, *_: found,
-                      functools.partial(_repair, eps=eps), found, groups, use_gram)
+  return [Factors(qi, oki) for qi, oki in zip(q, oks)]
+
+
+def _padded(g: jax.Array, width: int) -> jax.Array:
+  """The (b, n, n) stack `g` as (b, width, width), identity in the new block."""
+  extra = width - g.shape[-1]
+  if not extra:
+    return g
+  eye = jnp.diag(jnp.concatenate([jnp.zeros(g.shape[-1], g.dtype), jnp.ones(extra, g.dtype)]))
+  return jnp.pad(g, ((0, 0), (0, extra), (0, extra))) + eye
 
 
 def _repair(found: list[Factors], groups: Groups, use_gram: list[jax.Array],
@@ -136,18 +149,6 @@ def _repair(found: list[Factors], groups: Groups, use_gram: list[jax.Array],
     out.append(Factors(split_stack(q, [x.shape[0] for x in parts]),
                        jnp.where(finite, ok | ok_svd, f)))
   return out
-
-
-def _svd_all(a: jax.Array, use_gram: jax.Array, eps: float) -> Factors:
-  del use_gram
-  return Factors(*checks.lapack_map(functools.partial(exact.svd_route, eps=eps), a))
-
-
-def _svd_groups(groups: Groups, use_gram: list[jax.Array],
-                eps: list[float]) -> list[Factors]:
-  """The SVD of every matrix of the groups, guarded, one unbatched call each."""
-  return [_split(guarded_auto(_svd_all, stack_parts(parts), f, e), parts)
-          for parts, f, e in zip(groups, use_gram, eps)]
 
 
 def _eigh_then_svd(a: jax.Array, use_gram: jax.Array, eps: float) -> Factors:
