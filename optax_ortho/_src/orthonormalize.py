@@ -305,7 +305,7 @@ def orthogonal_sgd(
   Example:
     >>> import jax.numpy as jnp, optax, optax_ortho
     >>> params = {"w": jnp.ones((4, 3))}
-    >>> tx = optax_ortho.orthogonal_sgd(0.1, momentum=0.9)
+    >>> tx = optax_ortho.orthogonal_sgd(0.005, momentum=0.9)
     >>> state = tx.init(params)
     >>> updates, state = tx.update({"w": jnp.eye(4, 3)}, state, params)
   """
