@@ -416,3 +416,21 @@ def test_auto_narrow_widths_share_a_padded_iteration():
   np.testing.assert_array_equal([bool(f.use_gram[0]) for f in widths8], [True, False, True])
   widths16 = jax.jit(cpu._iterate)(groups[3:], flags[3:])
   np.testing.assert_array_equal([bool(f.use_gram[0]) for f in widths16], [True, True])
+
+
+def test_auto_svd_fallback_of_distinct_shapes_shares_a_padded_call():
+  # Unflagged matrices of 20x5, 24x7 and 30x6 take the SVD at one padded
+  # call site (rows up to 32, columns up to 8): the factors are each one's
+  # own pseudo-polar factor, the flags read each one's own singular values.
+  mats = [_with_singular_values(20, np.r_[1.0, 0.5, np.zeros(3)], 50)[None],
+          _with_singular_values(24, np.geomspace(1, 1 / 3, 7), 51)[None],
+          _with_singular_values(30, np.geomspace(1, 1 / 30, 6), 52)[None]]
+  found = jax.jit(polar_lib.auto_polar_groups)(
+      [[jnp.asarray(a)] for a in mats], [jnp.zeros(1, bool)] * 3)
+  for a, (q, _) in zip(mats, found):
+    np.testing.assert_allclose(q[0], testing.polar_reference(a), atol=2e-5)
+  testing.assert_unit_singular_values(found[0].q[0][0], 2)
+  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in found], [False, True, False])
+  text = jax.jit(polar_lib.auto_polar_groups).lower(
+      [[jnp.asarray(a)] for a in mats], [jnp.zeros(1, bool)] * 3).as_text()
+  assert text.count("lapack_sgesdd") == 1, text.count("lapack_sgesdd")

@@ -140,14 +140,52 @@ def _padded(g: jax.Array, width: int) -> jax.Array:
 def _repair(found: list[Factors], groups: Groups, use_gram: list[jax.Array],
             eps: list[float]) -> list[Factors]:
   """The SVD (guarded) for every matrix the iteration did not bring home."""
+  guarded = [checks.lapack_input(stack_parts(parts)) for parts in groups]
+  svd = _svd_where([unit_scale(a) for a, _ in guarded], [~f.use_gram for f in found], eps)
   out = []
-  for (q, ok), parts, f, e in zip(found, groups, use_gram, eps):
-    a, finite = checks.lapack_input(stack_parts(parts))
-    q_svd, ok_svd = _masked_map(functools.partial(exact.svd_route, eps=e), ~ok,
-                                unit_scale(a))
+  for (q, ok), (q_svd, ok_svd), (_, finite), parts, f in zip(
+      found, svd, guarded, groups, use_gram):
     q = checks.poison(jnp.where(ok[:, None, None], stack_parts(q), q_svd), finite)
     out.append(Factors(split_stack(q, [x.shape[0] for x in parts]),
                        jnp.where(finite, ok | ok_svd, f)))
+  return out
+
+
+def _svd_where(stacks: list[jax.Array], masks: list[jax.Array],
+               eps: list[float]) -> list[Factors]:
+  """`exact.svd_route` of the matrices of the stacks whose mask is set.
+
+  Stacks whose rows round up to the same power of two share one call site,
+  each zero-padded to the largest (`exact.svd_route_padded`): every call
+  site costs XLA:CPU about as much compile time as a branch of products,
+  and a model of many distinct shapes would otherwise have one per shape.
+  """
+  by_rows: dict[int, list[int]] = {}
+  for i, a in enumerate(stacks):
+    by_rows.setdefault(1 << (a.shape[-2] - 1).bit_length(), []).append(i)
+  out: list = [None] * len(stacks)
+  for idx in by_rows.values():
+    if len(idx) == 1:
+      i = idx[0]
+      out[i] = _masked_map(functools.partial(exact.svd_route, eps=eps[i]), masks[i],
+                           stacks[i])
+      continue
+    rows = max(stacks[i].shape[-2] for i in idx)
+    cols = max(stacks[i].shape[-1] for i in idx)
+    padded = stack_parts([jnp.pad(stacks[i], ((0, 0), (0, rows - stacks[i].shape[-2]),
+                                              (0, cols - stacks[i].shape[-1])))
+                          for i in idx])
+    cutoff = jnp.concatenate([
+        jnp.full(stacks[i].shape[:1], exact.svd_cutoff(
+            stacks[i].shape[-2], stacks[i].shape[-1], stacks[i].dtype, eps[i]), stacks[i].dtype)
+        for i in idx])
+    ncols = jnp.concatenate([jnp.full(stacks[i].shape[:1], stacks[i].shape[-1], jnp.int32)
+                             for i in idx])
+    q, ok = _masked_map(lambda args: exact.svd_route_padded(*args),
+                        jnp.concatenate([masks[i] for i in idx]), (padded, cutoff, ncols))
+    sizes = [stacks[i].shape[0] for i in idx]
+    for i, qi, oki in zip(idx, split_stack(q, sizes), split_stack(ok, sizes)):
+      out[i] = Factors(qi[:, :stacks[i].shape[-2], :stacks[i].shape[-1]], oki)
   return out
 
 
@@ -168,10 +206,10 @@ def _split(factors: Factors, parts: list[jax.Array]) -> Factors:
 
 def _call_if(fn, args):
   x, flag = args
-  return jax.lax.cond(flag, fn, no_factors, x)
+  return jax.lax.cond(flag, fn, lambda x: no_factors(jax.tree.leaves(x)[0]), x)
 
 
-def _masked_map(fn, mask: jax.Array, a: jax.Array) -> Factors:
+def _masked_map(fn, mask: jax.Array, a) -> Factors:
   """`fn` on the matrices of the stack whose `mask` is set, `no_factors` on
   the others, one unbatched LAPACK call per matrix.
 
@@ -181,13 +219,14 @@ def _masked_map(fn, mask: jax.Array, a: jax.Array) -> Factors:
   whose mask is all set, the usual case, makes the calls without a `cond`;
   one with some set pays the `cond`s; one with none makes no call.
   """
-  if a.shape[0] == 1:  # all or none: no per-matrix `cond` needed
+  stack = jax.tree.leaves(a)[0]  # `a`: the stack, or a tuple led by it
+  if stack.shape[0] == 1:  # all or none: no per-matrix `cond` needed
     return Factors(*jax.lax.cond(mask[0], lambda a: checks.lapack_map(fn, a),
-                                 no_factors, a))
+                                 lambda a: no_factors(stack), a))
   index = jnp.where(jnp.all(mask), 0, jnp.where(jnp.any(mask), 1, 2))
   return Factors(*jax.lax.switch(index, [
       lambda a, mask: checks.lapack_map(fn, a),
       lambda a, mask: checks.lapack_map(functools.partial(_call_if, fn), (a, mask)),
-      lambda a, mask: no_factors(a),
+      lambda a, mask: no_factors(stack),
   ], a, mask))
 

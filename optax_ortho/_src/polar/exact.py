@@ -1,6 +1,6 @@
 """Exact polar factors: by SVD, and from `eigh` of the Gram matrix.
 
-The functions on one matrix (`svd_factor`, `svd_route`) are what the CPU
+The functions on one matrix (`svd_route`, `svd_route_padded`) are what the CPU
 route maps over a stack; those on a stack (`gram_route`) are batched solver
 calls, one per stack, on GPU and TPU. `svd_polar` and `gram_polar` are the
 `"svd"` and `"gram"` methods, with the per-platform lowering of
@@ -38,22 +38,32 @@ def noise_floor(m: int, n: int, dtype) -> float:
   return 4.0 * math.sqrt(max(m, n)) * float(jnp.finfo(dtype).eps)
 
 
-def svd_factor(m: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-  """Pseudo-polar factor of one matrix by SVD, and its singular values."""
-  u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-  floor = noise_floor(m.shape[0], m.shape[1], m.dtype)
-  keep = s > jnp.maximum(eps, floor) * s[0]
-  return mm(u * keep, vt), s
+def svd_cutoff(m: int, n: int, dtype, eps: float) -> float:
+  """The relative singular-value cutoff: `eps`, at least the noise floor."""
+  return max(eps, noise_floor(m, n, dtype))
+
+
+def svd_route_padded(x: jax.Array, cutoff: jax.Array | float,
+                     n: jax.Array | int) -> Factors:
+  """`svd_route` of a matrix zero-padded from `n` columns (and maybe rows).
+
+  The padding adds zero singular values, which the cutoff drops, so the
+  factor is the unpadded one's, zero-padded; the flag reads the n-th
+  singular value.
+  """
+  u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+  keep = s > cutoff * s[0]
+  return Factors(mm(u * keep, vt), (s[n - 1] * GRAM_MAX_COND >= s[0]) & (s[0] > 0))
 
 
 def svd_route(m: jax.Array, eps: float) -> Factors:
   """Exact polar factor of one matrix by SVD, and whether the Gram route would do."""
-  q, s = svd_factor(m, eps)
-  return Factors(q, (s[-1] * GRAM_MAX_COND >= s[0]) & (s[0] > 0))
+  return svd_route_padded(m, svd_cutoff(m.shape[0], m.shape[1], m.dtype, eps),
+                          m.shape[1])
 
 
 def svd_polar(a: jax.Array, eps: float) -> jax.Array:
-  return checks.per_matrix(lambda m: svd_factor(m, eps)[0], a)
+  return checks.per_matrix(lambda m: svd_route(m, eps).q, a)
 
 
 def gram_from_eig(a: jax.Array, w: jax.Array, v: jax.Array,
