@@ -1,4 +1,4 @@
-"""Per-step overhead of orthonormalised SGD on an accelerator (issue 15).
+"""Per-step overhead of orthonormalised SGD on an accelerator.
 
     python benchmarks/accelerator.py [--rounds 21 --steps 20 --dtypes f32 bf16]
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-# One BLAS thread: OpenBLAS's own pool spins against XLA's (issue 16 section 1).
+# One BLAS thread: OpenBLAS's own pool spins against XLA's.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402

@@ -8,7 +8,7 @@ axes) with the gradients of two models sharded FSDP + tensor-parallel style
 For each pytree and polar method it reports, as ratios layers / replicated:
 
 * decompositions on the busiest device (SVD / eigh calls in the jaxpr, with
-  `optax_ortho.testing.decompositions_per_device`: scans multiplied out, the
+  `tests/harness.py`'s `decompositions_per_device`: scans multiplied out, the
   most expensive branch of the per-device switch), and their flops with the
   textbook counts (thin SVD 6mn^2 + 20n^3, symmetric eigh 9n^3);
 * flops per device from XLA's cost analysis of the compiled, partitioned
@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import optax_ortho  # noqa: E402
 from optax_ortho import testing  # noqa: E402
+from tests import harness  # noqa: E402
 
 METHODS = ("svd", "gram", "newton_schulz")
 
@@ -89,7 +90,7 @@ def bench(tree_name, method, rounds, mesh):
   for parallel in ("replicated", "layers"):
     tx = optax_ortho.orthonormalize(method, parallel=parallel)
     fn = jax.jit(lambda g, tx=tx: tx.update(g, None)[0])
-    count, flops = testing.decompositions_per_device(jax.make_jaxpr(fn)(grads))
+    count, flops = harness.decompositions_per_device(jax.make_jaxpr(fn)(grads))
     compiled = fn.lower(grads).compile()
     t0 = time.perf_counter()
     jax.block_until_ready(fn(grads))

@@ -6,7 +6,7 @@
 Times one jitted step (loss, gradients w.r.t. the parameters and the input) of
 `optax_ortho.linen.OrthogonalDense(d)` for each orthogonal map, and of
 `flax.linen.Dense(d)`, interleaved in one process; reports the median over
-`--runs` rounds of each ratio to the plain Dense (goal for Cayley, issue 16:
+`--runs` rounds of each ratio to the plain Dense (goal for Cayley:
 <= 3.3x, 1.5x the 2.2x arithmetic floor in benchmarks/RESULTS.md),
 and the same for `OrthogonalConv(64, (3, 3))` (Cayley) against `nn.Conv` on
 CIFAR-sized activations `(--conv-batch, 32, 32, 64)` (goal: <= 1.2x),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-# One BLAS thread: OpenBLAS's own pool spins against XLA's (issue 16 section 1).
+# One BLAS thread: OpenBLAS's own pool spins against XLA's.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402

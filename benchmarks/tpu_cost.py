@@ -1,4 +1,4 @@
-"""What each polar method costs on TPU, seen from this CPU (issue 15 section 1).
+"""What each polar method costs on TPU, seen from this CPU.
 
     python benchmarks/tpu_cost.py
 

@@ -1,7 +1,7 @@
 """What a GPU or TPU would run, checked from this CPU with `jax.export`.
 
 The updates are lowered for ("cuda",), ("rocm",) and ("tpu",) without a device
-(DESIGN.md, "Platform hazards"), and the StableHLO is read: on cuda/rocm the
+(docs/architecture.md, "Platform hazards"), and the StableHLO is read: on cuda/rocm the
 exact and matmul-only methods must run one batched solver call per shape group
 and no `while` loop (the CPU-only `jax.lax.map` workaround must not leak onto
 accelerators); on tpu every method and transform must export.

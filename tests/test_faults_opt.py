@@ -1,4 +1,4 @@
-"""Fault injection for OPT's entry points (issue 13): orthogonal_map,
+"""Fault injection for OPT's entry points: orthogonal_map,
 orthogonality_penalty, hyperspherical_energy, stiefel_sgd and the linen / nnx
 OPT layers.
 

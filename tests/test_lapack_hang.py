@@ -1,4 +1,4 @@
-"""Regression test for the batched-LAPACK hang (DESIGN.md, "Platform hazards").
+"""Regression test for the batched-LAPACK hang (docs/architecture.md, "Platform hazards").
 
 jaxlib 0.10.2's batched CPU SVD hung forever on a ResNet-20 gradient pytree on
 2-core machines. The transform runs in a subprocess with a timeout, so a hang

@@ -4,13 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers as DN
 
 import optax_ortho
-from optax_ortho import testing
 from optax_ortho._src import layer_parallel
+from tests import harness
 
 METHODS = ("svd", "gram", "auto", "newton_schulz", "polar_express")
 
@@ -187,14 +191,14 @@ def test_each_device_decomposes_its_share_of_the_work():
     work = {}
     for parallel in ("replicated", "layers"):
       tx = optax_ortho.orthonormalize("svd", parallel=parallel)
-      jaxpr = jax.make_jaxpr(lambda g: tx.update(g, None)[0])(sharded)
-      work[parallel] = testing.decompositions_per_device(jaxpr)
+      jaxpr = jax.make_jaxpr(lambda g, tx=tx: tx.update(g, None)[0])(sharded)
+      work[parallel] = harness.decompositions_per_device(jaxpr)
       assert ("shard_map" in str(jaxpr)) == (parallel == "layers")
   cost = layer_parallel.matrix_cost
   assert work["replicated"] == (
       14, 10 * cost(8, 4) + cost(16, 4) + 3 * cost(48, 8))
   assert work["layers"] == (3, cost(48, 8))
-  assert layer_parallel.devices_for(list(sharded.values()), None) == 8
+  assert layer_parallel.spread_devices(list(sharded.values()), None) == 8
 
 
 @pytest.mark.parametrize("shapes,devices,expected", [

@@ -223,6 +223,51 @@ def test_auto_state_must_match_the_gradients():
     tx.update(grads, tx.init({"w": jnp.ones((4, 3))}))
 
 
+@pytest.mark.parametrize("state", [None, optax.EmptyState(), (jnp.ones(2, bool),)])
+def test_auto_names_the_state_it_expects(state):
+  tx = optax_ortho.orthonormalize("auto")
+  with pytest.raises(TypeError, match="OrthonormalizeState"):
+    tx.update({"w": jnp.ones((4, 3))}, state)
+
+
+@pytest.mark.parametrize("make, stored", [
+    (lambda: optax_ortho.orthogonal_adam(1e-3), (1, 4)),
+    (lambda: optax_ortho.orthogonal_adam(1e-3), (8, 6)),
+    (lambda: optax_ortho.orthogonal_sgd(0.005, momentum=0.9), (1, 4)),
+])
+def test_restored_moments_of_another_shape_name_their_leaf(make, stored):
+  # A checkpoint of another model restored into this one: optax would
+  # broadcast a (1, 4) moment into the (8, 4) update, or fail in `add`
+  # without naming the leaf.
+  params = {"b": jnp.zeros(4), "w": jnp.ones((8, 4))}
+  tx = make()
+  state = jax.tree.map(
+      lambda x: jnp.ones(stored, x.dtype) if jnp.shape(x) == (8, 4) else x,
+      tx.init(params))
+  grads = {"b": jnp.ones(4), "w": jnp.eye(8, 4)}
+  with pytest.raises(ValueError, match=r"\['w'\] has shape .*but updates\['w'\]"):
+    tx.update(grads, state, params)
+  tx.update(grads, tx.init(params), params)  # the matching state passes
+
+
+def test_eager_auto_compiles_once(caplog):
+  # Called outside jit, "auto" reuses its compiled routes: a second call
+  # with the same shapes compiles nothing.
+  jax.clear_caches()
+  tx = optax_ortho.orthonormalize("auto")
+  grads = {"w": jnp.arange(15.0).reshape(5, 3), "v": jnp.eye(9, 3) + 1.0}
+  state = tx.init(grads)
+  with jax.log_compiles(), caplog.at_level("WARNING", logger="jax"):
+    tx.update(grads, state)
+    first = sum("Compiling" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    out, _ = tx.update(grads, state)
+    second = sum("Compiling" in r.getMessage() for r in caplog.records)
+  assert first > 0  # the counter sees compilations
+  assert second == 0, caplog.records
+  testing.assert_pseudo_polar(grads["w"], out["w"])
+
+
 def test_auto_non_finite_matrix_keeps_its_flag():
   rng = np.random.default_rng(7)
   grads = _low_rank_tree(rng)

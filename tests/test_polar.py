@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 import optax_ortho
 from optax_ortho import testing
 from optax_ortho._src import polar as polar_lib
+from optax_ortho._src.polar import cpu
+from optax_ortho._src.polar import guard
+from optax_ortho._src.polar import iterations
 
 EXACT = ("svd", "gram", "auto")
 ITERATIVE = ("newton_schulz", "polar_express")
@@ -128,7 +131,7 @@ def test_auto_gram_iteration_is_exact(n, cond):
   ref = testing.polar_reference(a)
   err = np.linalg.norm(np.asarray(q, np.float64) - ref) / np.linalg.norm(ref)
   assert err < 3e-6, err
-  q_iter, ok = jax.jit(polar_lib._gram_iterate)(polar_lib._unit_scale(a))
+  q_iter, ok = jax.jit(iterations.gram_iterate)(guard.unit_scale(a))
   np.testing.assert_array_equal(ok, True)
   np.testing.assert_allclose(q_iter, q, atol=1e-6)
 
@@ -143,7 +146,7 @@ def test_auto_gram_iteration_rejects_ill_conditioned_and_rank_deficient():
   rank3 = _with_singular_values(64, np.r_[np.ones(3), np.zeros(n - 3)], 2)
   good = _with_singular_values(64, np.geomspace(1, 0.5, n), 3)
   a = np.stack([ill, worse, rank3, np.zeros((64, n), np.float32), good])
-  _, ok = jax.jit(polar_lib._gram_iterate)(polar_lib._unit_scale(a))
+  _, ok = jax.jit(iterations.gram_iterate)(guard.unit_scale(a))
   np.testing.assert_array_equal(ok, [False, False, False, False, True])
   q, flags = _jit_auto_stack(jnp.asarray(a), jnp.ones(5, bool))
   np.testing.assert_array_equal(flags, [False, False, False, False, True])
@@ -156,13 +159,17 @@ def test_auto_gram_iteration_rejects_ill_conditioned_and_rank_deficient():
   np.testing.assert_array_equal(flags_off, [False, False, False, False, True])
 
 
-_jit_auto_parts = jax.jit(polar_lib.auto_polar_parts)
+@jax.jit
+def _jit_auto_parts(parts, flags):
+  return polar_lib.auto_polar_groups([parts], [flags])[0]
 
 
 def _general_route(parts, flags):
+  # The stacked route of wider matrices: guarded, one `eigh` per flagged
+  # matrix, the SVD where its check fails.
   a = jnp.concatenate(parts)
-  return polar_lib._auto_guarded(polar_lib._auto_cpu, a, flags,
-                                 polar_lib.default_eps(*a.shape[-2:]))
+  return guard.guarded_auto(cpu._eigh_then_svd, a, flags,
+                            polar_lib.default_eps(*a.shape[-2:]))
 
 
 @pytest.mark.parametrize("case", [
@@ -170,10 +177,11 @@ def _general_route(parts, flags):
     "one_ill_conditioned", "one_rank_deficient", "nan", "inf", "zero",
     "flag_off"])
 def test_auto_lean_route_equals_the_general_route(case):
-  # On CPU a float32 group of at most 64 columns takes `_auto_cpu_lean`: each
+  # On CPU a float32 group of at most 64 columns takes the checked Gram
+  # iteration (`cpu._iterate`): each
   # part keeps its own buffer, G = a^T a of every part is stacked, and the
   # guards (finite, scale) are read off G's diagonal. Whatever the input, it
-  # must give the factors and flags of the general route (stacked, zeroed,
+  # must give the factors and flags of the stacked route (stacked, zeroed,
   # unit-scaled, SVD where the check fails).
   n = 16
   mats = [_with_singular_values(48, np.geomspace(1, 1 / c, n), i)
@@ -250,7 +258,7 @@ def test_auto_groups_of_one_width_share_the_iteration(bad):
 def test_auto_eigh_route_every_flag_pattern(n, dtype, flags):
   # Wider than the iteration's limit, or float64: one `eigh` per flagged
   # matrix, made without a `cond` when every flag of the stack is set
-  # (`polar._masked_map`), then the SVD for those that failed the check or
+  # (`cpu._masked_map`), then the SVD for those that failed the check or
   # were not flagged. The factor and the new flags never depend on the path.
   good = _with_singular_values(3 * n, np.geomspace(1, 0.3, n), 0)
   ill = _with_singular_values(3 * n, np.geomspace(1, 1e-3, n), 1)
@@ -336,3 +344,93 @@ def test_nan_matrix_stays_in_its_slot():
     q = np.asarray(_jit_polar(a, method=method))
     assert np.isnan(q[1]).any(), method
     assert np.isfinite(q[[0, 2]]).all(), method
+
+
+def _grad_cases():
+  rng = np.random.default_rng(11)
+  full = rng.standard_normal((6, 4)).astype(np.float32)
+  rank1 = np.outer(rng.standard_normal(6), rng.standard_normal(4)).astype(np.float32)
+  return {"zero": np.zeros((6, 4), np.float32), "rank1": rank1, "full": full,
+          "wide": full.T.copy()}
+
+
+@pytest.mark.parametrize("method", EXACT + ITERATIVE)
+def test_gradients_are_finite(method):
+  # jax.grad through the factor (meta-learning): differentiating the SVD or
+  # eigh divides by differences of equal singular values (0 / 0 on a zero
+  # or rank-1 matrix); the polar derivative drops the dropped directions.
+  tx = optax_ortho.orthonormalize(method)
+  w = jnp.asarray(np.random.default_rng(12).standard_normal((6, 4)), jnp.float32)
+
+  @jax.jit
+  def grads(x):
+    wx = w if x.shape == w.shape else w.T
+    g = jax.grad(lambda x: jnp.sum(optax_ortho.polar(x, method=method) * wx))(x)
+    state = tx.init({"k": x})
+    g_tx = jax.grad(lambda x: jnp.sum(tx.update({"k": x}, state)[0]["k"] * wx))(x)
+    return g, g_tx
+
+  for case, a in _grad_cases().items():
+    g, g_tx = grads(jnp.asarray(a))
+    assert np.all(np.isfinite(g)) and np.all(np.isfinite(g_tx)), case
+    if case == "zero":
+      np.testing.assert_array_equal(g, 0.0)
+      np.testing.assert_array_equal(g_tx, 0.0)
+    if method in EXACT:
+      np.testing.assert_allclose(g_tx, g, atol=1e-4, err_msg=case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("case", ["full", "wide"])
+def test_exact_gradient_equals_finite_differences(method, case):
+  a = _grad_cases()[case].astype(np.float64)
+  rng = np.random.default_rng(13)
+  w, d = rng.standard_normal(a.shape), rng.standard_normal(a.shape)
+  with jax.enable_x64(True):
+    def loss(x):
+      return jnp.sum(optax_ortho.polar(x, method=method) * w)
+
+    step = 1e-5
+    fd = (loss(a + step * d) - loss(a - step * d)) / (2 * step)
+    np.testing.assert_allclose(jnp.sum(jax.grad(loss)(jnp.asarray(a)) * d), fd, rtol=1e-5)
+
+
+def test_auto_narrow_widths_share_a_padded_iteration():
+  # Widths 5 and 7 iterate with 8, 9 and 13 with 16, their Gram matrices
+  # padded with an identity block: the factors and flags are those each
+  # matrix has alone (the SVD's, its flag set up to cond 10).
+  groups, flags, mats = [], [], []
+  for gi, (n, cond) in enumerate([(5, 4.0), (7, 30.0), (8, 2.0), (9, 8.0), (13, 3.0)]):
+    a = _with_singular_values(3 * n, np.geomspace(1, 1 / cond, n), 40 + gi)[None]
+    groups.append([jnp.asarray(a)])
+    flags.append(jnp.ones(1, bool))
+    mats.append(a)
+  found = jax.jit(polar_lib.auto_polar_groups)(groups, flags)
+  for a, (q, _) in zip(mats, found):
+    np.testing.assert_allclose(q[0], testing.polar_reference(a), atol=2e-5)
+  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in found],
+                                [True, False, True, True, True])
+  # And the iteration itself accepts the padded well-conditioned ones.
+  widths8 = jax.jit(cpu._iterate)(groups[:3], flags[:3])
+  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in widths8], [True, False, True])
+  widths16 = jax.jit(cpu._iterate)(groups[3:], flags[3:])
+  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in widths16], [True, True])
+
+
+def test_auto_svd_fallback_of_distinct_shapes_shares_a_padded_call():
+  # Unflagged matrices of 20x5, 24x7 and 30x6 take the SVD at one padded
+  # call site (rows up to 32, columns up to 8): the factors are each one's
+  # own pseudo-polar factor, the flags read each one's own singular values.
+  mats = [_with_singular_values(20, np.r_[1.0, 0.5, np.zeros(3)], 50)[None],
+          _with_singular_values(24, np.geomspace(1, 1 / 3, 7), 51)[None],
+          _with_singular_values(30, np.geomspace(1, 1 / 30, 6), 52)[None]]
+  found = jax.jit(polar_lib.auto_polar_groups)(
+      [[jnp.asarray(a)] for a in mats], [jnp.zeros(1, bool)] * 3)
+  for a, (q, _) in zip(mats, found):
+    np.testing.assert_allclose(q[0], testing.polar_reference(a), atol=2e-5)
+  testing.assert_unit_singular_values(found[0].q[0][0], 2)
+  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in found], [False, True, False])
+  text = jax.jit(polar_lib.auto_polar_groups).lower(
+      [[jnp.asarray(a)] for a in mats], [jnp.zeros(1, bool)] * 3).as_text()
+  assert text.count("lapack_sgesdd") == 1, text.count("lapack_sgesdd")

@@ -23,7 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+from optax_ortho._src import checks
+from optax_ortho._src.stacks import mm
+from optax_ortho._src.stacks import mT
 
 # Blocks at most this wide are inverted by LAPACK (one unbatched call each);
 # wider ones are split. 64 measured fastest in the OPT layer's step (32 and
@@ -33,17 +35,12 @@ _LEAF = 64
 _MIN_RHS_FRACTION = 16
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  # HIGHEST: TPUs (and GPUs with TF32) otherwise multiply in reduced
-  # precision, and errors in an inverse do not average out.
-  return jnp.matmul(a, b, precision=_HIGHEST)
-
-
 def unit_symmetric_inverse(m: jax.Array) -> jax.Array:
   """M^{-1} for a square M whose symmetric part is >= I (e.g. I - S, S skew).
 
-  No pivoting (none is needed for such an M); products everywhere but at
-  the leaves, which are `jnp.linalg.inv` of blocks at most `_LEAF` wide.
+  No pivoting (none is needed for such an M); products (at HIGHEST
+  precision: errors in an inverse do not average out) everywhere but at the
+  leaves, which are `jnp.linalg.inv` of blocks at most `_LEAF` wide.
   """
   n = m.shape[-1]
   if n <= _LEAF:
@@ -51,13 +48,13 @@ def unit_symmetric_inverse(m: jax.Array) -> jax.Array:
   h = n // 2
   a, b, c, d = m[:h, :h], m[:h, h:], m[h:, :h], m[h:, h:]
   a_inv = unit_symmetric_inverse(a)
-  c_a_inv = _mm(c, a_inv)
-  a_inv_b = _mm(a_inv, b)
+  c_a_inv = mm(c, a_inv)
+  a_inv_b = mm(a_inv, b)
   # The Schur complement's symmetric part is again >= I.
-  s_inv = unit_symmetric_inverse(d - _mm(c_a_inv, b))
-  top_right = -_mm(a_inv_b, s_inv)
-  bottom_left = -_mm(s_inv, c_a_inv)
-  top_left = a_inv - _mm(top_right, c_a_inv)
+  s_inv = unit_symmetric_inverse(d - mm(c_a_inv, b))
+  top_right = -mm(a_inv_b, s_inv)
+  bottom_left = -mm(s_inv, c_a_inv)
+  top_left = a_inv - mm(top_right, c_a_inv)
   return jnp.block([[top_left, top_right], [bottom_left, s_inv]])
 
 
@@ -80,10 +77,31 @@ def solve(s: jax.Array, b: jax.Array, *, rows: bool = False) -> jax.Array:
   m_inv = jax.lax.stop_gradient(unit_symmetric_inverse(jax.lax.stop_gradient(m)))
   if rows:
     return jax.lax.custom_linear_solve(
-        lambda z: _mm(z, m), b,
-        solve=lambda _, y: _mm(y, m_inv),
-        transpose_solve=lambda _, y: _mm(y, m_inv.T))
+        lambda z: mm(z, m), b,
+        solve=lambda _, y: mm(y, m_inv),
+        transpose_solve=lambda _, y: mm(y, m_inv.T))
   return jax.lax.custom_linear_solve(
-      lambda z: _mm(m, z), b,
-      solve=lambda _, y: _mm(m_inv, y),
-      transpose_solve=lambda _, y: _mm(m_inv.T, y))
+      lambda z: mm(m, z), b,
+      solve=lambda _, y: mm(m_inv, y),
+      transpose_solve=lambda _, y: mm(m_inv.T, y))
+
+
+def skew(r: jax.Array) -> jax.Array:
+  """The authors' skew matrix of the Cayley map: triu(R) - triu(R)^T (the
+  diagonal cancels, so only R's strict upper triangle matters)."""
+  upper = jnp.triu(r)
+  return upper - mT(upper)
+
+
+def cayley_times(r: jax.Array, b: jax.Array, *, rows: bool = False) -> jax.Array:
+  """Q(R) b (or b Q(R) with `rows`) for the Cayley map, without forming Q.
+
+  Q = (I - S)^{-1}(I + S) = 2 (I - S)^{-1} - I with S = `skew(R)`, so
+  Q b = 2 (I - S)^{-1} b - b: one `solve` with b's columns (rows). A
+  non-finite R never reaches LAPACK: it is zeroed there and the result is
+  NaN. Computed in float32 (or R's dtype, if wider).
+  """
+  r = r.astype(jnp.promote_types(r.dtype, jnp.float32))
+  a, ok = checks.lapack_input(skew(r)[None])
+  b = b.astype(a.dtype)
+  return checks.poison(2.0 * solve(a[0], b, rows=rows) - b, ok)

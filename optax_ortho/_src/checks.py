@@ -63,7 +63,7 @@ def positive_int(value: Any, name: str, *, static_arg: bool = False) -> None:
       `optax.inject_hyperparams` (as a static argument): for arguments that
       fix shapes or loop counts.
   """
-  if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
     return
   hint = ""
   if static_arg:
@@ -178,26 +178,38 @@ def poison(out: jax.Array, ok: jax.Array) -> jax.Array:
 # Matrices per unrolled block of `lapack_map`: enough for every core of a
 # large host, few enough that a stack of hundreds compiles in seconds.
 _LAPACK_UNROLL = 16
+# Below this size (m n min(m, n), a multiple of one call's flops) a call
+# takes microseconds, running calls concurrently gains nothing, and every
+# unrolled call costs XLA:CPU about as much compile time as a big one: a
+# long stack of such matrices is a loop with one call in its body.
+_CONCURRENT_MIN_SIZE = 16**3
 
 
 def lapack_map(fn: Callable, xs: Any) -> Any:
   """`fn` over the leading axis of `xs`, one unbatched LAPACK call per matrix.
 
-  The CPU form of a per-matrix solver call (DESIGN.md, "Platform hazards":
-  jaxlib 0.10.2's batched CPU LAPACK kernels hung on 2 cores; unbatched calls
-  never did, also 40 at once in 320 runs). The calls are unrolled in blocks of
-  `_LAPACK_UNROLL`, so that XLA:CPU runs independent ones concurrently on its
-  intra-op threads, where a `jax.lax.map` loop runs one at a time and jaxlib
-  calls LAPACK with one BLAS thread each. Measured on 2 cores: four 512x512
-  SVDs in 0.56-0.63x the loop's time, eight `eigh`s in 0.74x. Calls behind a
-  runtime `cond` still run one at a time (see `polar._masked_map`).
+  The CPU form of a per-matrix solver call (docs/architecture.md, "Platform
+  hazards": jaxlib 0.10.2's batched CPU LAPACK kernels hung on 2 cores;
+  unbatched calls never did, also 40 at once in 320 runs, nor in a loop). A
+  stack of at most `_LAPACK_UNROLL` matrices is unrolled, so that XLA:CPU
+  runs independent calls concurrently on its intra-op threads, where a
+  `jax.lax.map` loop runs one at a time and jaxlib calls LAPACK with one
+  BLAS thread each (four 512x512 SVDs took 0.56-0.63x the loop's time, eight
+  `eigh`s 0.74x, on 2 cores). A longer stack is a loop over blocks of
+  `_LAPACK_UNROLL` calls, or of one call for small matrices, so that a
+  program's compile time does not grow with its number of matrices. Calls
+  behind a runtime `cond` still run one at a time (see
+  `polar.cpu._masked_map`).
   """
-  k = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  first = jax.tree_util.tree_leaves(xs)[0]
+  k = first.shape[0]
   if k == 1:  # a scan of length 1 still lowers to a loop
     out = fn(jax.tree.map(lambda x: x[0], xs))
     return jax.tree.map(lambda y: y[None], out)
-  return jax.lax.scan(lambda carry, x: (carry, fn(x)), None, xs,
-                      unroll=max(1, min(k, _LAPACK_UNROLL)))[1]
+  m, n = first.shape[-2:]
+  small = m * n * min(m, n) < _CONCURRENT_MIN_SIZE
+  unroll = k if k <= _LAPACK_UNROLL else (1 if small else _LAPACK_UNROLL)
+  return jax.lax.scan(lambda carry, x: (carry, fn(x)), None, xs, unroll=unroll)[1]
 
 
 def per_matrix(fn: Callable, x: Any) -> Any:

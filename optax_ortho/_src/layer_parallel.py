@@ -22,10 +22,12 @@ is exact and a NaN stays in its matrix.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Sequence
 from typing import Literal
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,14 +97,6 @@ def _constrain(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def devices_for(leaves: Sequence[jax.Array], mesh: Mesh | None) -> int:
-  """How many devices the layer-parallel mode spreads the matrices over."""
-  mesh = _mesh_of(leaves, mesh)
-  if mesh is None:
-    return 1
-  return math.prod(mesh.shape[a] for a in _free_axes(mesh))
-
-
 def matrix_cost(m: int, n: int) -> int:
   """Textbook flops of a thin SVD of an m x n matrix, m >= n: the LPT weight."""
   return 6 * m * n * n + 20 * n**3
@@ -134,6 +128,25 @@ def schedule(
   return [{g: tuple(sorted(i)) for g, i in sorted(o.items())} for o in owned]
 
 
+class _Flagged(NamedTuple):
+  """A stack with its `"auto"` route flags, which travel with their matrices.
+
+  The flags go as int32: the collectives that bring results back (psum)
+  do not take bools.
+  """
+
+  a: jax.Array
+  use_gram: jax.Array
+
+
+def _polar(a: jax.Array | _Flagged, method: str, eps: float | None,
+           ns_steps: int) -> jax.Array | _Flagged:
+  if isinstance(a, _Flagged):
+    q, f = polar_lib.auto_polar_stack(a.a, a.use_gram.astype(bool), eps)
+    return _Flagged(q, f.astype(jnp.int32))
+  return polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps)
+
+
 def polar_groups(
     stacks: Sequence[jax.Array],
     method: str,
@@ -141,11 +154,11 @@ def polar_groups(
     eps: float | None,
     ns_steps: int,
     mesh: Mesh | None = None,
-    flags: Sequence[jax.Array] | None = None,
+    use_gram: Sequence[jax.Array] | None = None,
 ) -> tuple[list[jax.Array], list[jax.Array] | None]:
   """Polar factors of float32 stacks ``(k, m, n)``, m >= n, spread over a mesh.
 
-  Returns replicated stacks of the input shapes (and, with `flags`, the
+  Returns replicated stacks of the input shapes (and, with `use_gram`, the
   next route flags of `"auto"`). With no mesh, or a mesh of one device, this
   is exactly the replicated computation.
 
@@ -156,32 +169,31 @@ def polar_groups(
     ns_steps: iterations of the iterative methods.
     mesh: the mesh to spread over; None: the mesh set by ``jax.set_mesh``, or
       else the mesh of the stacks' Explicit sharding.
-    flags: for `"auto"`, the route flags ``(k,)`` of each stack
+    use_gram: for `"auto"`, the route flags ``(k,)`` of each stack
       (`polar_lib.auto_polar_stack`); they travel with their matrices.
   """
-
-  def polar(a):
-    # A (k, m, n) stack, or with flags a pair (stack, int32 flags (k,)).
-    if flags is None:
-      return polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps)
-    q, f = polar_lib.auto_polar_stack(a[0], a[1].astype(bool), eps)
-    return q, f.astype(jnp.int32)
-
-  def split(outs):
-    if flags is None:
-      return list(outs), None
-    return [q for q, _ in outs], [f.astype(bool) for _, f in outs]
-
-  tmap = jax.tree.map
-
+  items: list = list(stacks)
+  if use_gram is not None:
+    items = [_Flagged(a, f.astype(jnp.int32)) for a, f in zip(stacks, use_gram)]
+  polar = functools.partial(_polar, method=method, eps=eps, ns_steps=ns_steps)
   devices = spread_devices(stacks, mesh)
   mesh = _mesh_of(stacks, mesh)
-  axes = () if mesh is None else _free_axes(mesh)
-  if flags is not None:
-    stacks = [(a, f.astype(jnp.int32))  # type: ignore[misc]
-              for a, f in zip(stacks, flags)]
-  if devices == 1 or not stacks or mesh is None:
-    return split([polar(a) for a in stacks])
+  if devices == 1 or not items or mesh is None:
+    return _unpack([polar(a) for a in items])
+  return _unpack(_spread(items, polar, mesh, devices))
+
+
+def _unpack(outs: list) -> tuple[list[jax.Array], list[jax.Array] | None]:
+  if outs and isinstance(outs[0], _Flagged):
+    return [o.a for o in outs], [o.use_gram.astype(bool) for o in outs]
+  return outs, None
+
+
+def _spread(stacks: list, polar, mesh: Mesh, devices: int) -> list:
+  """`polar` of every stack, each matrix on the device `schedule` gives it,
+  in one `shard_map`; the results replicated on every device."""
+  tmap = jax.tree.map
+  axes = _free_axes(mesh)
 
   def rows_of(a):
     return jax.tree.leaves(a)[0].shape[0]
@@ -250,10 +262,10 @@ def polar_groups(
 
   replicated = tmap(lambda a: _constrain(a, mesh, PartitionSpec()), stacks)
   specs = tmap(lambda _: PartitionSpec(), stacks)
-  return split(jax.shard_map(
+  return jax.shard_map(
       own_matrices,
       mesh=mesh,
       in_specs=(specs,),
       out_specs=specs,
       axis_names=frozenset(axes),
-  )(replicated))
+  )(replicated)

@@ -4,7 +4,7 @@ The view follows `optax.contrib.MuonDimensionNumbers`: the reduction axes become
 the rows, the output axes the columns, every other axis a batch of matrices.
 Under a mesh with `AxisType.Explicit` axes a reshape that merges a sharded axis
 needs its output sharding spelled out, so a leaf is first made replicated and
-its sharding restored at the end (DESIGN.md, "Platform hazards").
+its sharding restored at the end (docs/architecture.md, "Platform hazards").
 """
 
 from __future__ import annotations

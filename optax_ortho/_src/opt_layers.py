@@ -35,10 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from optax_ortho._src import cayley_solve
-from optax_ortho._src import checks
 from optax_ortho._src import orthogonal_map as omap
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from optax_ortho._src.stacks import HIGHEST
 
 FIXED = "fixed"
 SOPT_RNG = "sopt"
@@ -105,7 +103,7 @@ def sopt_rotation(r, r0, method) -> jax.Array:
   if method is None:
     # OGD keeps R itself orthogonal (stiefel_sgd): the rotation since the
     # episode began is R R0^T.
-    return jnp.matmul(r, r0.T, precision=_HIGHEST)
+    return jnp.matmul(r, r0.T, precision=HIGHEST)
   eye = jnp.eye(r.shape[-1], dtype=r.dtype)
   q = rotation(r - r0 + eye, method)
   if method == "householder" and r.shape[-1] % 2 == 0:
@@ -123,38 +121,23 @@ def _matrix(v: jax.Array) -> jax.Array:
   return v.reshape((-1, v.shape[-1])).astype(jnp.promote_types(v.dtype, jnp.float32))
 
 
-def _cayley_times(r: jax.Array, v: jax.Array) -> jax.Array:
-  """Q(R) V for the Cayley map without forming Q.
-
-  Q = (I - S)^{-1}(I + S) = 2 (I - S)^{-1} - I, so Q V = 2 (I - S)^{-1} V - V:
-  one solve with V's `out` columns (`cayley_solve.solve`) and no n x n x out
-  product for Q itself.
-  """
-  r = r.astype(jnp.promote_types(r.dtype, jnp.float32))
-  upper = jnp.triu(r)
-  # A non-finite R must not reach LAPACK: zeroed there, NaN out.
-  a, ok = checks.lapack_input((upper - upper.T)[None])
-  z = cayley_solve.solve(a[0], v)
-  return checks.poison(2.0 * z - v, ok)
-
-
 def kernel(r, method, v, idx=None, r0=None) -> jax.Array:
   """W = Q(R) V (or its S-OPT form), in float32 and in V's kernel shape."""
   vm = jax.lax.stop_gradient(_matrix(v))
   if idx is None:
     if method == "cayley":
-      w = _cayley_times(r, vm)
+      w = cayley_solve.cayley_times(r, vm)
     else:
-      w = jnp.matmul(rotation(r, method), vm, precision=_HIGHEST)
+      w = jnp.matmul(rotation(r, method), vm, precision=HIGHEST)
   else:
     if method == "cayley":
       r = r.astype(jnp.promote_types(r.dtype, jnp.float32))
       eff = r - jax.lax.stop_gradient(r0).astype(r.dtype) + jnp.eye(
           r.shape[-1], dtype=r.dtype)
-      sub_v = _cayley_times(eff, vm[idx])
+      sub_v = cayley_solve.cayley_times(eff, vm[idx])
     else:
       sub_v = jnp.matmul(sopt_rotation(r, r0, method), vm[idx],
-                         precision=_HIGHEST)
+                         precision=HIGHEST)
     w = vm.at[idx].set(sub_v)
   return w.reshape(v.shape)
 
@@ -182,12 +165,7 @@ def _rotate_rows(x: jax.Array, r: jax.Array, method: str | None) -> jax.Array:
   `batch` right-hand sides (`cayley_solve.solve`)."""
   if method != "cayley":
     return jnp.matmul(x, rotation(r, method).astype(x.dtype))
-  r = r.astype(jnp.promote_types(r.dtype, jnp.float32))
-  upper = jnp.triu(r)
-  # A non-finite R must not reach LAPACK: zeroed there, NaN out.
-  a, ok = checks.lapack_input((upper - upper.T)[None])
-  z = cayley_solve.solve(a[0], x.astype(a.dtype), rows=True)
-  return checks.poison(2.0 * z - x, ok).astype(x.dtype)
+  return cayley_solve.cayley_times(r, x, rows=True).astype(x.dtype)
 
 
 def dense(x: jax.Array, r, method, v, idx=None, r0=None, dtype=None):

@@ -4,7 +4,7 @@
 `orthogonality_penalty` and `hyperspherical_energy` measure a layer's neurons.
 The maps are those of the authors' released code (wy1iu/OPT). Every LAPACK
 call (solve, QR, SVD) on CPU runs on one finite matrix at a time, never as a
-batched kernel (DESIGN.md, "Platform hazards"); on GPU and TPU a stack is one
+batched kernel (docs/architecture.md, "Platform hazards"); on GPU and TPU a stack is one
 batched call (`checks.per_matrix`).
 """
 
@@ -19,20 +19,10 @@ import jax.numpy as jnp
 
 from optax_ortho._src import cayley_solve
 from optax_ortho._src import checks
+from optax_ortho._src.stacks import mm
 
 OrthogonalMapMethod = Literal["cayley", "gram_schmidt", "householder", "lowdin"]
 MAP_METHODS: tuple[str, ...] = ("cayley", "gram_schmidt", "householder", "lowdin")
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _mT(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
-
-
-def _matmul(a, b):
-  return jnp.matmul(a, b, precision=_HIGHEST)
-
 
 def _cayley(r: jax.Array) -> jax.Array:
   # The authors' map (wy1iu/OPT, opt_cp): S = triu(R) - triu(R)^T, so only the
@@ -40,10 +30,8 @@ def _cayley(r: jax.Array) -> jax.Array:
   # G_S - G_S^T there, zero elsewhere. Q = (I + S)(I - S)^{-1} equals
   # (I - S)^{-1}(I + S) (the factors commute); I - S has singular values >= 1,
   # so the solve is always well conditioned (and needs no pivoting).
-  n = r.shape[-1]
-  upper = jnp.triu(r)
-  s = upper - upper.T
-  return cayley_solve.solve(s, jnp.eye(n, dtype=r.dtype) + s)
+  s = cayley_solve.skew(r)
+  return cayley_solve.solve(s, jnp.eye(r.shape[-1], dtype=r.dtype) + s)
 
 
 def _positive_qr(r: jax.Array) -> jax.Array:
@@ -80,7 +68,7 @@ def _householder(r: jax.Array) -> jax.Array:
 @jax.custom_jvp
 def _lowdin(r: jax.Array) -> jax.Array:
   u, _, vt = jnp.linalg.svd(r)
-  return _matmul(u, vt)
+  return mm(u, vt)
 
 
 @_lowdin.defjvp
@@ -90,11 +78,11 @@ def _lowdin_jvp(primals, tangents):
   # term, so it is finite at repeated singular values (R = I included).
   (r,), (dr,) = primals, tangents
   u, s, vt = jnp.linalg.svd(r)
-  q = _matmul(u, vt)
-  c = _matmul(_matmul(u.T, dr), vt.T)
+  q = mm(u, vt)
+  c = mm(mm(u.T, dr), vt.T)
   denom = s[:, None] + s[None, :]
   omega = (c - c.T) / jnp.where(denom > 0, denom, 1.0)
-  return q, _matmul(_matmul(u, omega), vt)
+  return q, mm(mm(u, omega), vt)
 
 
 _MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -227,7 +215,7 @@ def orthogonality_penalty(kernel: jax.Array) -> jax.Array:
     0.0
   """
   n = neuron_matrix(kernel)
-  gram = _matmul(n.T, n)
+  gram = mm(n.T, n)
   sq = jnp.sum(jnp.square(gram - jnp.eye(gram.shape[0], dtype=gram.dtype)))
   # Gradient 0 (not NaN) at the minimum, where the norm is not differentiable.
   return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
@@ -303,7 +291,7 @@ def hyperspherical_energy(
   if convention == "authors":
     unit = n / jnp.sqrt(sq_norm + 1e-4)
     # Their diagonal gets +1 before the log/power; it is masked out anyway.
-    d2 = 2.0 - 2.0 * _matmul(unit.T, unit) + (1.0 - off)
+    d2 = 2.0 - 2.0 * mm(unit.T, unit) + (1.0 - off)
     f = -jnp.log(d2) if power == 0 else d2 ** (-0.5 * float(power))
     return jnp.sum(f * off) / (num * (num - 1))
   # sqrt only above eps^2: the derivative of |w| at w = 0 is NaN.
@@ -313,7 +301,7 @@ def hyperspherical_energy(
   sq = jnp.sum(unit * unit, axis=0)
   # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b; floored so the sqrt and power stay
   # finite, and the diagonal (d = 0) replaced before the sqrt for its gradient.
-  d2 = sq[:, None] + sq[None, :] - 2.0 * _matmul(unit.T, unit)
+  d2 = sq[:, None] + sq[None, :] - 2.0 * mm(unit.T, unit)
   d2 = jnp.where(off > 0, jnp.maximum(d2, eps * eps), 1.0)
   dist = jnp.sqrt(d2)
   f = -jnp.log(dist) if power == 0 else dist ** (-float(power))

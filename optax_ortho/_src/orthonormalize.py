@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-import itertools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -16,6 +14,9 @@ from optax_ortho._src import checks
 from optax_ortho._src import layer_parallel
 from optax_ortho._src import matrix_view as mv
 from optax_ortho._src import polar as polar_lib
+from optax_ortho._src.stacks import group_matrices
+from optax_ortho._src.stacks import split_stack
+from optax_ortho._src.stacks import stack_parts
 
 
 def _check_eps(eps: Any) -> None:
@@ -54,12 +55,27 @@ def _alias(
     checks.float_leaves(updates, "updates")
     if params is not None:
       checks.trees_match(params, updates, "params", "updates")
+    _check_moments(state, updates)
     new, state = inner.update(
         up(updates), state, None if params is None else up(params),
         **extra_args)
     return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_moments(state: Any, updates: Any) -> None:
+  """Every part of `state` with the gradients' tree (optax's moments, a
+  momentum trace) has their shapes: a state restored for other parameters
+  fails naming its leaf instead of broadcasting."""
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(updates)):
+    return
+  parts = jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda x: checks.same_structure(x, updates))[0]
+  for path, part in parts:
+    if checks.same_structure(part, updates):
+      checks.trees_match(part, updates, f"state{jax.tree_util.keystr(path)}",
+                         "updates")
 
 
 class OrthonormalizeState(NamedTuple):
@@ -74,19 +90,6 @@ class OrthonormalizeState(NamedTuple):
   use_gram: jax.Array
 
 
-def _group(leaves, dims):
-  """Same-shaped matrices grouped: {(rows, cols, compute dtype): leaf indices}."""
-  views: dict[int, mv.MatrixView] = {}
-  groups: dict[tuple[int, int, Any], list[int]] = collections.defaultdict(list)
-  for i, (x, d) in enumerate(zip(leaves, dims)):
-    if d is None or x.size == 0:
-      continue
-    views[i] = mv.matrix_view(x, d)
-    compute = jnp.promote_types(x.dtype, jnp.float32)
-    groups[(views[i].rows, views[i].cols, compute)].append(i)
-  return groups, views
-
-
 def _split_flags(use_gram: jax.Array, sizes: list[int]) -> list[jax.Array]:
   if use_gram.shape != (sum(sizes),):
     raise ValueError(
@@ -94,8 +97,7 @@ def _split_flags(use_gram: jax.Array, sizes: list[int]) -> list[jax.Array]:
         f" holds {use_gram.shape} flags, the gradients have {sum(sizes)}"
         " matrices (was init called with parameters of another structure?)."
     )
-  bounds = list(itertools.accumulate(sizes))[:-1]
-  return list(jnp.split(use_gram, bounds)) if sizes else []
+  return split_stack(use_gram, sizes) if sizes else []
 
 
 def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
@@ -108,6 +110,32 @@ def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
   # The sharding itself, not its bare spec: it carries the mesh, so this works
   # without a `jax.set_mesh` context (arrays placed with `jax.device_put`).
   return jax.sharding.reshard(x, sharding)
+
+
+def _auto_factors(parts, use_gram, eps, parallel, mesh):
+  """`"auto"`'s factors (one list of parts per group) and next flags."""
+  if parallel == "layers" and layer_parallel.spread_devices(
+      [x for p in parts for x in p], mesh) > 1:
+    qs, use_gram = layer_parallel.polar_groups(
+        [stack_parts(p) for p in parts], "auto", eps=eps, ns_steps=1, mesh=mesh,
+        use_gram=use_gram)
+    return [split_stack(q, [x.shape[0] for x in p]) for q, p in zip(qs, parts)], use_gram
+  # The parts themselves, not their stack: the usual CPU route only stacks
+  # their small Gram matrices. ("layers" on one device is this replicated
+  # computation, exactly.)
+  found = polar_lib.auto_polar_groups(parts, use_gram, eps) if parts else []
+  return [f.q for f in found], [f.use_gram for f in found]
+
+
+def _factors(parts, method, eps, ns_steps, parallel, mesh):
+  """The factors of a stateless method, one list of parts per group."""
+  stacks = [stack_parts(p) for p in parts]
+  if parallel == "layers":
+    qs, _ = layer_parallel.polar_groups(
+        stacks, method, eps=eps, ns_steps=ns_steps, mesh=mesh)
+  else:
+    qs = [polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps) for a in stacks]
+  return [split_stack(q, [x.shape[0] for x in p]) for q, p in zip(qs, parts)]
 
 
 def orthonormalize(
@@ -188,11 +216,7 @@ def orthonormalize(
     neural network optimisation <https://arxiv.org/abs/2202.07052>`_, 2022.
   """
   polar_lib.check_method(method)
-  if not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or ns_steps < 1:
-    raise ValueError(
-        f"ns_steps must be a positive Python int, got {ns_steps!r} (with"
-        " optax.inject_hyperparams, pass static_args=('ns_steps',))."
-    )
+  checks.positive_int(ns_steps, "ns_steps", static_arg=True)
   _check_eps(eps)
   layer_parallel.check_parallel(parallel, mesh)
 
@@ -202,7 +226,7 @@ def orthonormalize(
     if not stateful:
       return optax.EmptyState()
     leaves = jax.tree.leaves(params)
-    groups, views = _group(leaves, mv.resolve_dimension_numbers(
+    groups, views = group_matrices(leaves, mv.resolve_dimension_numbers(
         params, dimension_numbers))
     total = sum(views[i].batch for idx in groups.values() for i in idx)
     # Every matrix tries the Gram route first; the first step corrects this.
@@ -212,41 +236,27 @@ def orthonormalize(
     del params
     checks.float_leaves(updates, "updates")
     leaves, treedef = jax.tree.flatten(updates)
-    dims = mv.resolve_dimension_numbers(updates, dimension_numbers)
-    groups, views = _group(leaves, dims)
-
+    groups, views = group_matrices(
+        leaves, mv.resolve_dimension_numbers(updates, dimension_numbers))
     parts = [[mv.to_stack(leaves[i], views[i], compute) for i in idx]
              for (_, _, compute), idx in groups.items()]
-    flags = None
+    if stateful and not isinstance(state, OrthonormalizeState):
+      raise TypeError(
+          "orthonormalize('auto').update expects the OrthonormalizeState that"
+          f" its init returns (tx.init(params)), got {type(state).__name__}:"
+          f" {state!r:.200}.")
     if stateful:
-      flags = _split_flags(state.use_gram,
-                           [sum(x.shape[0] for x in p) for p in parts])
-    spread = parallel == "layers" and layer_parallel.spread_devices(
-        [x for p in parts for x in p], mesh) > 1
-    if flags is not None and not spread:
-      # "auto" takes the parts themselves: its usual CPU route never stacks
-      # the matrices, only their small Gram matrices. ("layers" on one
-      # device is this replicated computation, exactly.)
-      qs, flags = map(list, zip(*polar_lib.auto_polar_groups(
-          parts, flags, eps))) if parts else ([], [])
+      use_gram = _split_flags(state.use_gram,
+                              [sum(x.shape[0] for x in p) for p in parts])
+      qs, use_gram = _auto_factors(parts, use_gram, eps, parallel, mesh)
+      state = OrthonormalizeState(use_gram=_like(
+          jnp.concatenate(use_gram) if use_gram else state.use_gram, state.use_gram))
     else:
-      stacks = [polar_lib.stack_parts(p) for p in parts]
-      if parallel == "layers":
-        qs, flags = layer_parallel.polar_groups(
-            stacks, method, eps=eps, ns_steps=ns_steps, mesh=mesh, flags=flags)
-      else:
-        qs = [polar_lib.polar_stack(a, method, eps=eps, ns_steps=ns_steps)
-              for a in stacks]
-      qs = [polar_lib.split_stack(q, [x.shape[0] for x in p])
-            for q, p in zip(qs, parts)]
-
+      qs = _factors(parts, method, eps, ns_steps, parallel, mesh)
     out = list(leaves)
     for idx, q in zip(groups.values(), qs):
       for i, qi in zip(idx, q):
         out[i] = mv.from_stack(qi, views[i], leaves[i])
-    if stateful:
-      new = (jnp.concatenate(flags) if flags else state.use_gram)
-      state = OrthonormalizeState(use_gram=_like(new, state.use_gram))
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -295,7 +305,7 @@ def orthogonal_sgd(
   Example:
     >>> import jax.numpy as jnp, optax, optax_ortho
     >>> params = {"w": jnp.ones((4, 3))}
-    >>> tx = optax_ortho.orthogonal_sgd(0.1, momentum=0.9)
+    >>> tx = optax_ortho.orthogonal_sgd(0.005, momentum=0.9)
     >>> state = tx.init(params)
     >>> updates, state = tx.update({"w": jnp.eye(4, 3)}, state, params)
   """

@@ -61,3 +61,8 @@ def group_matrices(
     compute = jnp.promote_types(x.dtype, jnp.float32)
     groups[(views[i].rows, views[i].cols, compute)].append(i)
   return groups, views
+
+
+def gram(a: jax.Array) -> jax.Array:
+  """The Gram matrix a^T a of each matrix of a stack."""
+  return mm(mT(a), a)
