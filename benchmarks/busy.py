@@ -1,7 +1,7 @@
 """`--load N` of the benchmarks: N busy Python processes for the timed part.
 
-Issue 16 asks for every speed ratio idle and under a load of 4-8: a busy
-process per extra unit of load, started here and always ended.
+Speed ratios are reported idle and under a load of 4-8: a busy process per
+extra unit of load, started here and always ended.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ import jax.numpy as jnp
 from optax_ortho._src import opt_layers as core
 
 FIXED = core.FIXED
+"""The variable collection of `V`, `idx`, `R0` and `step` (``"fixed"``)."""
 SOPT_RNG = core.SOPT_RNG
+"""The rng name of S-OPT's training steps (``"sopt"``)."""
 
 __all__ = ["FIXED", "SOPT_RNG", "OrthogonalConv", "OrthogonalDense"]
 

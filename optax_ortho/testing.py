@@ -1,6 +1,8 @@
 """Hypothesis strategies and invariant checks for orthogonality-based optimizers.
 
-Public so that users can property-test their own pipelines the way we test ours:
+Public so that users can property-test their own pipelines the way we test ours.
+It imports hypothesis, which the library does not need: install it with the
+``testing`` extra, ``pip install "optax-ortho[testing]"``.
 
     from hypothesis import given
     from optax_ortho import testing

@@ -1,4 +1,4 @@
-"""One OpenBLAS thread wherever this project starts a process (DESIGN.md hazards).
+"""One OpenBLAS thread wherever this project starts a process (docs/decisions.md, "Platform hazards").
 
 jaxlib's CPU LAPACK kernels run on scipy's OpenBLAS; its spinning thread pool
 fights XLA's threads, so the tests, examples and benchmarks ask for one thread

@@ -1,6 +1,6 @@
 """Fault injection for gradient_norm_penalty, gal, grod, value_and_grads, regularizers.
 
-Issue 13: every bad input gets a correct result or a ValueError/TypeError that
+Every bad input gets a correct result or a ValueError/TypeError that
 names the leaf (or the argument); non-finite input stays in its own leaf and
 the state stays finite; float16/bfloat16/float64 keep their dtype; empty leaves
 pass through.

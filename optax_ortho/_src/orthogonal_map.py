@@ -116,8 +116,8 @@ def orthogonal_map(
     rotations without eigenvalue $-1$; $R = I$ (any lower-triangular $R$)
     gives $I$.
   * `"gram_schmidt"` (`opt_gs`, `tf_gram_schmidt`): Gram-Schmidt on the ROWS
-    of $R$, i.e. $R = L Q$ with $L$ lower triangular and $\operatorname{diag}(L)
-    > 0$ (computed by a Householder QR of $R^\top$, which stays orthogonal
+    of $R$, i.e. $R = L Q$ with $L$ lower triangular and
+    $\operatorname{diag}(L) > 0$ (computed by a Householder QR of $R^\top$, which stays orthogonal
     where classical Gram-Schmidt loses it). $R = I$ gives $I$.
   * `"householder"` (`opt_hr`): their Householder QR of $R$, $Q = H_1 \cdots
     H_{n-1}$ with $H_k$ the reflection that maps column $k$ of the partly

@@ -169,16 +169,9 @@ def orthonormalize(
   does (or use :func:`orthogonal_sgd` / :func:`orthogonal_adam`).
 
   Args:
-    method: how to compute the polar factor; see `optax_ortho.polar`. The
-      default `"auto"` is exact and the fastest exact route per matrix: the
-      Gram route (one `eigh` of the smaller Gram matrix; on CPU, for float32
-      matrices of at most 64 columns, a checked iteration of matrix products
-      instead) where it is exact,
-      the SVD elsewhere, remembered from step to step in the state (a matrix
-      whose Gram route failed the check goes straight to the SVD at the next
-      step, and back when its singular values allow), so it is never slower
-      than `"svd"` beyond one extra `eigh` when a matrix's conditioning
-      changes.
+    method: how to compute the polar factor: `"auto"` (exact, the fastest
+      exact route per matrix, remembered in the state), `"svd"`, `"gram"`,
+      `"newton_schulz"` or `"polar_express"` (see `optax_ortho.polar`).
     dimension_numbers: ``None`` for the default view; or a pytree matching the
       gradients, or a callable from gradients to such a pytree, whose leaves
       are ``optax.contrib.MuonDimensionNumbers`` (axes of the matrix view; other
@@ -187,12 +180,10 @@ def orthonormalize(
       at or below ``eps`` times the largest count as zero. Default
       ``max(rows, cols) * finfo(float32).eps``.
     ns_steps: iterations of ``"newton_schulz"`` and ``"polar_express"``.
-    parallel: ``"replicated"``: every device computes every polar factor.
-      ``"layers"``: on a mesh, every matrix is assigned to one device
-      (largest first onto the least loaded device, across all shape groups),
-      each factor is computed once and brought back to every device (see
-      ``docs/tpu_pods.md``); same numbers, each device does about ``1/D``
-      of the decomposition work. Without a mesh it is the replicated mode.
+    parallel: ``"replicated"`` (every device computes every polar factor) or
+      ``"layers"`` (on a mesh, each factor computed once, on one device, and
+      brought back to every device: the same numbers for about ``1/D`` of the
+      work per device).
     mesh: for ``parallel="layers"``, the mesh to spread over; default the
       mesh set with ``jax.set_mesh``, else the mesh of Explicit-sharded
       gradients.
@@ -205,7 +196,7 @@ def orthonormalize(
     >>> import jax, jax.numpy as jnp, optax
     >>> import optax_ortho
     >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
-    >>> tx = optax.chain(optax_ortho.orthonormalize(), optax.sgd(0.1, momentum=0.9))
+    >>> tx = optax.chain(optax_ortho.orthonormalize(), optax.sgd(0.005, momentum=0.9))
     >>> state = tx.init(params)
     >>> grads = {"w": jnp.arange(12.0).reshape(4, 3), "b": jnp.ones(3)}
     >>> updates, state = jax.jit(tx.update)(grads, state, params)
