@@ -419,18 +419,21 @@ def test_auto_narrow_widths_share_a_padded_iteration():
 
 
 def test_auto_svd_fallback_of_distinct_shapes_shares_a_padded_call():
-  # Unflagged matrices of 20x5, 24x7 and 30x6 take the SVD at one padded
-  # call site (rows up to 32, columns up to 8): the factors are each one's
-  # own pseudo-polar factor, the flags read each one's own singular values.
+  # Five narrow widths (more than `cpu._MAX_WIDTHS`) share a padded width of
+  # 8; their unflagged matrices of 20 to 30 rows take the SVD at one padded
+  # call site (rows up to 32): the factors are each one's own pseudo-polar
+  # factor, the flags read each one's own singular values.
   mats = [_with_singular_values(20, np.r_[1.0, 0.5, np.zeros(3)], 50)[None],
           _with_singular_values(24, np.geomspace(1, 1 / 3, 7), 51)[None],
-          _with_singular_values(30, np.geomspace(1, 1 / 30, 6), 52)[None]]
-  found = jax.jit(polar_lib.auto_polar_groups)(
-      [[jnp.asarray(a)] for a in mats], [jnp.zeros(1, bool)] * 3)
+          _with_singular_values(30, np.geomspace(1, 1 / 30, 6), 52)[None],
+          _with_singular_values(18, np.geomspace(1, 1 / 2, 4), 53)[None],
+          _with_singular_values(28, np.geomspace(1, 1 / 5, 8), 54)[None]]
+  args = ([[jnp.asarray(a)] for a in mats], [jnp.zeros(1, bool)] * len(mats))
+  found = jax.jit(polar_lib.auto_polar_groups)(*args)
   for a, (q, _) in zip(mats, found):
     np.testing.assert_allclose(q[0], testing.polar_reference(a), atol=2e-5)
   testing.assert_unit_singular_values(found[0].q[0][0], 2)
-  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in found], [False, True, False])
-  text = jax.jit(polar_lib.auto_polar_groups).lower(
-      [[jnp.asarray(a)] for a in mats], [jnp.zeros(1, bool)] * 3).as_text()
+  np.testing.assert_array_equal([bool(f.use_gram[0]) for f in found],
+                                [False, True, False, True, True])
+  text = jax.jit(polar_lib.auto_polar_groups).lower(*args).as_text()
   assert text.count("lapack_sgesdd") == 1, text.count("lapack_sgesdd")

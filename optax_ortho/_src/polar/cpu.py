@@ -41,10 +41,13 @@ from optax_ortho._src.stacks import stack_parts
 # (entries below 2^-60 |G| are rounding noise there anyway).
 _CLEAN_RANGE = (2.0**-60, 2.0**120)
 
-# Narrow widths share an iteration per power of two from this one up, their
-# Gram matrices padded (`_padded`): one iteration's products cost XLA:CPU
-# about a second of compile time, so a model of many distinct shapes would
-# otherwise compile for minutes.
+# With more distinct narrow widths than `_MAX_WIDTHS`, they share an
+# iteration per power of two from `_MIN_WIDTH` up, their Gram matrices padded
+# (`_padded`): one iteration's products cost XLA:CPU about a second of
+# compile time, so a model of many distinct shapes would otherwise compile
+# for minutes. With few, each width keeps its own, so that a low-rank layer
+# (always on the SVD) sends no other width to the repair.
+_MAX_WIDTHS = 4
 _MIN_WIDTH = 8
 # A group of more parts than this is stacked first: one product over the
 # stack compiles in a fraction of the time of one product per part (models
@@ -68,11 +71,15 @@ def route_groups(groups: Groups, use_gram: list[jax.Array],
 def _route_groups(groups: Groups, use_gram: list[jax.Array],
                   eps: list[float]) -> list[Factors]:
   out: list = [None] * len(groups)
+  narrow = {i for i, parts in enumerate(groups)
+            if parts[0].shape[-1] <= ITER_MAX_N and parts[0].dtype == jnp.float32}
+  pad = len({groups[i][0].shape[-1] for i in narrow}) > _MAX_WIDTHS
   widths: dict[int, list[int]] = {}
   for i, parts in enumerate(groups):
     n = parts[0].shape[-1]
-    if n <= ITER_MAX_N and parts[0].dtype == jnp.float32:
-      widths.setdefault(max(_MIN_WIDTH, 1 << (n - 1).bit_length()), []).append(i)
+    if i in narrow:
+      widths.setdefault(max(_MIN_WIDTH, 1 << (n - 1).bit_length()) if pad else n,
+                        []).append(i)
     else:
       out[i] = _stacked(parts, use_gram[i], eps[i])
   for idx in widths.values():
