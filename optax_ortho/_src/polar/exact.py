@@ -38,9 +38,12 @@ def noise_floor(m: int, n: int, dtype) -> float:
   return 4.0 * math.sqrt(max(m, n)) * float(jnp.finfo(dtype).eps)
 
 
-def svd_cutoff(m: int, n: int, dtype, eps: float) -> float:
-  """The relative singular-value cutoff: `eps`, at least the noise floor."""
-  return max(eps, noise_floor(m, n, dtype))
+def svd_cutoff(m: int, n: int, dtype, eps: float | jax.Array) -> jax.Array:
+  """The relative singular-value cutoff: `eps`, at least the noise floor.
+
+  `eps` may be traced (`optax.inject_hyperparams`), hence `jnp.maximum`.
+  """
+  return jnp.maximum(eps, noise_floor(m, n, dtype))
 
 
 def svd_route_padded(x: jax.Array, cutoff: jax.Array | float,
