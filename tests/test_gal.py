@@ -48,7 +48,7 @@ def _identity_step(tx, z, y):
 # ---------------------------------------------------------------- semantics
 
 
-def _mlp_problem(dtype=jnp.float32):
+def _mlp_problem(dtype=jnp.float32, batch=12):
   import flax.linen as nn
 
   class MLP(nn.Module):
@@ -58,8 +58,8 @@ def _mlp_problem(dtype=jnp.float32):
 
   model = MLP()
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((12, 7)), dtype)
-  y = jnp.asarray(rng.integers(0, 5, 12))
+  x = jnp.asarray(rng.standard_normal((batch, 7)), dtype)
+  y = jnp.asarray(rng.integers(0, 5, batch))
   params = jax.tree.map(lambda p: p.astype(dtype),
                         model.init(jax.random.key(0), x))
   return model.apply, params, x, y
@@ -602,23 +602,12 @@ _DEVICES = 8
 
 
 def _data_parallel_problem(safeguard, axis_name=None):
-  import flax.linen as nn
-
-  class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(5)(nn.tanh(nn.Dense(16)(x)))
-
-  model = MLP()
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2 * _DEVICES, 7)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 5, 2 * _DEVICES))
-  params = model.init(jax.random.key(0), x)
+  apply_fn, params, x, y = _mlp_problem(batch=2 * _DEVICES)
   tx = optax.chain(
       optax_ortho.gal(5, 0.1, alpha=0.1, beta=0.1, hidden_sizes=(8,),
                       safeguard=safeguard, axis_name=axis_name),
       optax.sgd(0.1))
-  value_and_grad = optax_ortho.gal_value_and_grad(model.apply, cross_entropy)
+  value_and_grad = optax_ortho.gal_value_and_grad(apply_fn, cross_entropy)
 
   def step(params, state, x, y):
     _, grads, gal_args = value_and_grad(params, x, y)
