@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable
 from collections.abc import Hashable
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ortho._src import checks
+from optax_ortho._src import conv_layout
 
 # params -> grads, or params -> (grads, aux) with `has_aux=True`.
 GradFn = Callable[[Any], Any]
@@ -179,23 +181,24 @@ def _kept_if_finite(new: Any, old: Any) -> Any:
 
 
 def _refresh_or_reuse(refresh_now: jax.Array, refresh: Callable, reuse: Callable) -> Any:
-  """`lax.cond(refresh_now, refresh, reuse)`, except for convolutions on CPU.
+  """`lax.cond(refresh_now, refresh, reuse)`, its convolutions kept fast on CPU.
 
-  XLA's CPU backend runs a convolution inside a conditional branch (any
-  nested computation) many times slower than in straight-line code, far more
-  than the skipped pass saves. When the second gradient involves a
-  convolution, CPU therefore computes both branches and selects the result;
-  GPU and TPU, and every model without convolutions, run the branch.
+  XLA's CPU backend runs a kernel-gradient convolution inside a conditional
+  branch through a generic loop nest, far slower than the skipped pass
+  saves; in channels-last form it keeps its fast kernel. On CPU the refresh
+  branch is therefore rewritten channels-last, and where a convolution
+  cannot be (inside a loop, ``remat`` or a custom derivative) both branches
+  are computed and the result selected. GPU and TPU run the branch as it is.
   """
-  def branch(pred):
+  def branch(pred, refresh=refresh):
     return jax.lax.cond(pred, refresh, reuse)
 
   def select(pred):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), refresh(), reuse())
 
-  if "conv_general_dilated" not in str(jax.make_jaxpr(refresh)()):
-    return branch(refresh_now)
-  return jax.lax.platform_dependent(refresh_now, cpu=select, default=branch)
+  channels_last, complete = conv_layout.channels_last_convolutions(refresh)
+  cpu = functools.partial(branch, refresh=channels_last) if complete else select
+  return jax.lax.platform_dependent(refresh_now, cpu=cpu, default=branch)
 
 
 def _check_update_args(updates: Any, params: Any, grad_fn: Any,
@@ -476,36 +479,43 @@ def gradient_norm_penalty(
       return updates, new_state
     a = alpha(state.count) if callable(alpha) else alpha
     r = radius(state.count) if callable(radius) else radius
-    unit, finite = _unit(updates, eps)
 
-    def exact_second_gradient():
+    # Each branch computes its own direction and mix, so the one that runs
+    # is a single fused pass over the gradients and nothing is materialised
+    # for the other.
+    def mixed(g2, unit, finite):
+      if normalize_g1:
+        # Non-finite g1: keep it as is, so its NaN stays in its own leaves.
+        g1 = jax.tree.map(
+            lambda u, g: jnp.where(finite, u, g.astype(u.dtype)), unit, updates)
+      else:
+        g1 = updates
+      return _mix(g1, g2, a, updates)
+
+    def exact_second_gradient(unit, finite):
       if perturbed_grads is None:
         g2 = _second_gradient(grad_fn, _perturb(params, unit, r, finite), updates, has_aux)
       else:
         g2 = perturbed_grads
       return _in_compute_dtype(_mean_over(g2, axis_name), updates)
 
+    def refresh():
+      unit, finite = _unit(updates, eps)
+      g2 = exact_second_gradient(unit, finite)
+      if not buffered:
+        return mixed(g2, unit, finite), ()
+      stored = _split_difference(updates, g2, unit, finite, r)
+      return mixed(g2, unit, finite), _kept_if_finite(stored, (state.orthogonal, state.parallel))
+
+    def reuse():
+      unit, finite = _unit(updates, eps)
+      g2 = _reused_second_gradient(updates, unit, finite, r, state)
+      return mixed(g2, unit, finite), (state.orthogonal, state.parallel)
+
     if not buffered:
-      g2 = exact_second_gradient()
-    else:
-      def refresh():
-        g2 = exact_second_gradient()
-        stored = _split_difference(updates, g2, unit, finite, r)
-        return g2, _kept_if_finite(stored, (state.orthogonal, state.parallel))
-
-      def reuse():
-        g2 = _reused_second_gradient(updates, unit, finite, r, state)
-        return g2, (state.orthogonal, state.parallel)
-
-      g2, (orthogonal, parallel) = _refresh_or_reuse(
-          state.count % jnp.maximum(refresh_every, 1) == 0, refresh, reuse)
-      new_state = new_state._replace(orthogonal=orthogonal, parallel=parallel)
-    if normalize_g1:
-      # Non-finite g1: keep it as is, so its NaN stays in its own leaves.
-      g1 = jax.tree.map(
-          lambda u, g: jnp.where(finite, u, g.astype(u.dtype)), unit, updates)
-    else:
-      g1 = updates
-    return _mix(g1, g2, a, updates), new_state
+      return refresh()[0], new_state
+    out, (orthogonal, parallel) = _refresh_or_reuse(
+        state.count % jnp.maximum(refresh_every, 1) == 0, refresh, reuse)
+    return out, new_state._replace(orthogonal=orthogonal, parallel=parallel)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
