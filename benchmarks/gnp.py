@@ -21,6 +21,7 @@ noise-free cross-check. Writes ``benchmarks/gnp.json``.
 
     python benchmarks/gnp.py               # 31 rounds
     python benchmarks/gnp.py --rounds 15 --batch-size 32
+    python benchmarks/gnp.py --load 4      # with 4 busy processes
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from busy import busy_processes  # noqa: E402  (benchmarks/, the script's folder)
+
 import optax_ortho  # noqa: E402
 
 ALPHA, RADIUS, LR = 0.8, 0.05, 0.05
@@ -129,6 +132,8 @@ def main(argv=None) -> dict:
                       help="cnn: XLA's CPU backend runs a convolution inside lax.cond"
                            " (refresh_every's branch) far slower than outside it;"
                            " mlp: no convolution")
+  parser.add_argument("--load", type=int, default=0,
+                      help="busy processes to run alongside the timed rounds")
   parser.add_argument("--out", default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "gnp.json"))
   args = parser.parse_args(argv)
@@ -152,17 +157,20 @@ def main(argv=None) -> dict:
     carry[name] = (p, s)
 
   times = {name: [] for name in names}
-  for r in range(args.rounds):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for name in order:
-      step, _ = steps[name]
-      p, s = carry[name]
-      t0 = time.perf_counter()
-      for _ in range(args.steps_per_round):
-        p, s = step(p, s, x, y)
-      jax.block_until_ready(p)
-      times[name].append((time.perf_counter() - t0) / args.steps_per_round)
-      carry[name] = (p, s)
+  with busy_processes(args.load):
+    loadavg_before = os.getloadavg()
+    for r in range(args.rounds):
+      order = names[r % len(names):] + names[:r % len(names)]
+      for name in order:
+        step, _ = steps[name]
+        p, s = carry[name]
+        t0 = time.perf_counter()
+        for _ in range(args.steps_per_round):
+          p, s = step(p, s, x, y)
+        jax.block_until_ready(p)
+        times[name].append((time.perf_counter() - t0) / args.steps_per_round)
+        carry[name] = (p, s)
+    loadavg_after = os.getloadavg()
 
   t = {k: np.asarray(v) for k, v in times.items()}
   pairs = [("two_grads", "plain"), ("gnp", "plain"), ("gnp_refresh5", "plain"),
@@ -190,6 +198,7 @@ def main(argv=None) -> dict:
         + ", ".join(f"{k} {1e3 * np.median(v):.2f}" for k, v in t.items()) + ")")
   result = {
       "args": vars(args), "backend": jax.devices()[0].platform,
+      "loadavg_before": loadavg_before, "loadavg_after": loadavg_after,
       "ratios": ratios, "ratio_quartiles": quartiles, "goals": GOALS,
       "cost_model": cost, "cost_model_ratios": cost_ratios,
       "median_seconds_per_step": {k: float(np.median(v)) for k, v in t.items()},
