@@ -3,16 +3,21 @@
     python benchmarks/square_polar.py [--reps 11] [--n 512] [--k 4]
     python benchmarks/square_polar.py --load 4   # with 4 busy processes
 
-`"auto"` sends a square matrix to the SVD: a Gaussian n x n matrix has a
-condition number of order n, far past the Gram route's limit of 10. This
-times, on a stack of `--k` Gaussian n x n matrices (the transformer pytree's
+A Gaussian n x n matrix has a condition number of order n, far past the Gram
+route's limit of 10, so `"auto"` sent square matrices to the SVD before
+`exact.split_route`. This times, on a stack of `--k` Gaussian n x n matrices (the transformer pytree's
 attention output kernels), each candidate as `"auto"` runs it on CPU (one
 unbatched LAPACK call per matrix, `checks.lapack_map`), rounds interleaved,
 median; and its relative Frobenius error against a float64 NumPy SVD on the
 same stack and on matrices of log-spaced singular values (condition numbers
 `--conds`). Candidates:
 
-* `svd`: `exact.svd_route`, what `"auto"` runs.
+* `svd`: `exact.svd_route`, the SVD fallback of `"auto"`.
+* `split`: `exact.split_route`, what `"auto"` runs on square-ish matrices on
+  CPU: the Gram route for all but the quarter of smallest singular values,
+  those by an SVD of a quarter of the columns. Its errors are those of
+  `"auto"`: the SVD's where the route's check fails (`split_passes_*` in
+  the JSON).
 * `gram_eigh`: `exact.gram_route` (`eigh` of the Gram matrix): the cost floor
   of an `eigh`-based route, exact only up to a condition number of about 10.
 * `newton_eigh`: one scaled Newton step X = (z a + (z a)^-T) / 2 (an `inv`),
@@ -67,6 +72,7 @@ def candidates(n: int, power: int) -> dict:
   eps = exact.svd_cutoff(n, n, jnp.float32, n * float(jnp.finfo(jnp.float32).eps))
   one = {
       "svd": lambda x: exact.svd_route_padded(x, eps, n).q,
+      "split": lambda x: exact.split_route(x, eps).q,
       "gram_eigh": lambda x: exact.gram_route(x[None]).q[0],
       "newton_eigh": functools.partial(newton_eigh, power=power),
       "newton_eigh_frob": functools.partial(newton_eigh, power=0),
@@ -111,6 +117,13 @@ def main(argv=None):
           "graded_conds": args.conds}
   errors = {k: {"gauss": rel_errors(f(gauss), gauss), "graded": rel_errors(f(graded), graded)}
             for k, f in fns.items()}
+  # Where `split_route`'s check fails, `"auto"` takes the SVD: those errors are the SVD's.
+  split_ok = jax.jit(functools.partial(checks.lapack_map, lambda x: exact.split_route(x, 0.0).use_gram))
+  meta["split_passes_gauss"] = np.asarray(split_ok(gauss)).tolist()
+  meta["split_passes_graded"] = np.asarray(split_ok(graded)).tolist()
+  errors["split"] = {kind: [e if ok else s for e, s, ok in zip(
+      errors["split"][kind], errors["svd"][kind], meta[f"split_passes_{kind}"])]
+      for kind in ("gauss", "graded")}
   times: dict[str, list[float]] = {k: [] for k in fns}
   with busy_processes(args.load):
     meta["loadavg_before"] = os.getloadavg()
