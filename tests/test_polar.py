@@ -274,6 +274,43 @@ def test_auto_eigh_route_every_flag_pattern(n, dtype, flags):
   testing.assert_unit_singular_values(q[2], 2)
 
 
+@pytest.mark.parametrize("m, n, dtype", [(96, 96, np.float32), (120, 96, np.float32),
+                                         (8, 8, np.float64)])
+@pytest.mark.parametrize("flags", [(1,) * 7, (0,) * 7, (1, 0, 1, 0, 1, 0, 1)])
+def test_auto_split_route_on_square_matrices(m, n, dtype, flags):
+  # Square-ish matrices wider than the iteration's limit, or float64, take
+  # `exact.split_route`: exact where at most a quarter of the singular values
+  # lie below the largest / 10, whatever the condition number (Gaussian,
+  # 1e4, rank-deficient, values under the cutoff); a matrix with more, a zero
+  # and a non-finite one take the SVD or come out NaN. Factor and flags do not
+  # depend on the flags that came in, as from one step to the next.
+  k = n // 4
+  rng = np.random.default_rng(0)
+  gauss = rng.standard_normal((m, n))
+  ill = _with_singular_values(m, np.r_[np.geomspace(1, 0.2, n - k), np.geomspace(1e-2, 1e-4, k)], 1)
+  rank = _with_singular_values(m, np.r_[np.ones(n - k // 2), np.zeros(k // 2)], 2)
+  cut = _with_singular_values(m, np.r_[np.ones(n - k), np.full(k, 1e-7)], 3)
+  many = _with_singular_values(m, np.geomspace(1, 1e-3, n), 4)
+  nan = gauss.copy()
+  nan[1, 2] = np.nan
+  a = np.stack([gauss, ill, rank, cut, many, np.zeros((m, n)), nan]).astype(dtype)
+  with jax.enable_x64(dtype == np.float64):
+    q, new_flags = _jit_auto_stack(jnp.asarray(a), jnp.asarray(flags, bool))
+    q_svd = _jit_polar(a, method="svd")
+  s_gauss = np.linalg.svd(gauss, compute_uv=False)
+  gauss_ok = bool(s_gauss[n - 1 - k] * 10 >= s_gauss[0])  # at n = 96: about 12 below
+  np.testing.assert_array_equal(new_flags[:6], [gauss_ok, True, True, True, False, False])
+  assert new_flags[6] == bool(flags[6])  # a non-finite matrix keeps its flag
+  assert np.all(np.isnan(q[6]))
+  ref = testing.polar_reference(np.where(np.isfinite(a), a, 0.0)[:6])
+  err = np.abs(np.asarray(q[:6], np.float64) - ref).max(axis=(1, 2))
+  err_svd = np.abs(np.asarray(q_svd[:6], np.float64) - ref).max(axis=(1, 2))
+  assert np.all(err <= np.maximum(2 * err_svd, 1e-6)), (err, err_svd)
+  testing.assert_unit_singular_values(q[2], n - k // 2)
+  testing.assert_unit_singular_values(q[3], n - k)
+  np.testing.assert_array_equal(q[5], 0.0)
+
+
 @pytest.mark.slow  # hypothesis, one compile per shape: about 80 s on a loaded machine
 @given(a=testing.matrices(min_side=2, rank_deficient=False, max_condition=5.0))
 def test_newton_schulz_equals_muon(a):

@@ -2,7 +2,9 @@
 
 Each matrix carries a flag, `use_gram`: try the Gram route (checked: its
 float32 error grows like eps * cond^2, so it is kept only for cond <= 10)
-before the SVD. A route returns the factors and the flags for the next call
+before the SVD. On CPU a square-ish matrix tries `exact.split_route`
+instead, kept where at most a quarter of its singular values lie below the
+largest / 10. A route returns the factors and the flags for the next call
 (`Factors`): a matrix that passed the check keeps the Gram route; one that
 took the SVD goes back to it when its singular values say it would pass.
 Gradients change slowly from step to step, so a low-rank or ill-conditioned

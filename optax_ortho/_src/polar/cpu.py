@@ -11,14 +11,15 @@ stack per width and power of two of rows, so that the program holds a few
 ops per stack instead of per distinct shape, and the Gram matrices of every
 stack of one width share one iteration. The guard the iteration needs is
 read off G = a^T a (an Inf or NaN in `a`, or an overflow, puts one on G's
-diagonal). Wider and float64 matrices take one `eigh` per flagged matrix.
-Either way the matrices whose check fails, and those not flagged, take the
-SVD.
+diagonal). Wider and float64 matrices take one `eigh` per flagged matrix
+(square-ish ones `exact.split_route`). Either way the matrices whose check
+fails, and those not flagged, take the SVD.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -57,6 +58,12 @@ _MIN_WIDTH = 8
 # of hundreds of same-shaped layers), while the few big parts of a usual
 # group are cheaper to leave where they lie.
 _MAX_PARTS = 8
+
+# Matrices less tall than this take `exact.split_route` instead of the Gram
+# route: a Gaussian matrix of aspect 1.5 has condition number 10 (the Gram
+# route's limit), a squarer one more, and the split route's SVD block costs
+# a tall matrix more than its Gram route does.
+_SPLIT_MAX_ASPECT = 1.5
 
 Groups = list[list[jax.Array]]
 
@@ -238,9 +245,18 @@ def _repair(found: list[Factors], stacks: list[jax.Array], use_gram: list[jax.Ar
 
 
 def _eigh_then_svd(a: jax.Array, use_gram: jax.Array, eps: float) -> Factors:
-  """One `eigh` per flagged matrix, then the SVD for those that failed its check."""
-  q, ok = _masked_map(exact.gram_route, use_gram, a)
-  q_svd, ok_svd = _masked_map(functools.partial(exact.svd_route, eps=eps), ~ok, a)
+  """One `eigh` per flagged matrix, then the SVD for those that failed its check.
+
+  Square-ish matrices take `exact.split_route`, the others the Gram route;
+  the SVD's flag says whether that route would pass.
+  """
+  m, n = a.shape[-2:]
+  split = m < _SPLIT_MAX_ASPECT * n and exact.split_size(n) > 0
+  route: Callable[[jax.Array], Factors] = (
+      functools.partial(exact.split_route, eps=eps) if split else exact.gram_route)
+  svd = exact.split_svd_route if split else exact.svd_route
+  q, ok = _masked_map(route, use_gram, a)
+  q_svd, ok_svd = _masked_map(functools.partial(svd, eps=eps), ~ok, a)
   return Factors(jnp.where(ok[:, None, None], q, q_svd), ok | ok_svd)
 
 

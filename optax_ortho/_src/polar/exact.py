@@ -1,8 +1,8 @@
 """Exact polar factors: by SVD, and from `eigh` of the Gram matrix.
 
-The functions on one matrix (`svd_route`, `svd_route_padded`) are what the CPU
-route maps over a stack; those on a stack (`gram_route`) are batched solver
-calls, one per stack, on GPU and TPU. `svd_polar` and `gram_polar` are the
+The functions on one matrix (`svd_route`, `svd_route_padded`, `split_route`)
+are what the CPU route maps over a stack; those on a stack (`gram_route`) are
+batched solver calls, one per stack, on GPU and TPU. `svd_polar` and `gram_polar` are the
 `"svd"` and `"gram"` methods, with the per-platform lowering of
 `checks.per_matrix`.
 """
@@ -65,6 +65,19 @@ def svd_route(m: jax.Array, eps: float) -> Factors:
                           m.shape[1])
 
 
+def split_size(n: int) -> int:
+  """Columns of `split_route`'s SVD block: a quarter of the matrix's."""
+  return n // 4
+
+
+def split_svd_route(m: jax.Array, eps: float) -> Factors:
+  """`svd_route`, its flag saying whether `split_route` would pass: the
+  singular value `split_size(n)` from the smallest within GRAM_MAX_COND of
+  the largest."""
+  rows, n = m.shape
+  return svd_route_padded(m, svd_cutoff(rows, n, m.dtype, eps), n - split_size(n))
+
+
 def svd_polar(a: jax.Array, eps: float) -> jax.Array:
   return checks.per_matrix(lambda m: svd_route(m, eps).q, a)
 
@@ -94,3 +107,35 @@ def gram_route(a: jax.Array) -> Factors:
   w, v = jnp.linalg.eigh(gram(a))
   ok = (w[..., 0] * GRAM_MAX_COND**2 >= w[..., -1]) & (w[..., -1] > 0)
   return Factors(gram_from_eig(a, w, v, 0.0), ok)
+
+
+def split_route(m: jax.Array, eps: float | jax.Array) -> Factors:
+  """Exact polar factor of one m x n matrix (m >= n, n >= 4) from `eigh` of its
+  Gram matrix, the directions of its smallest singular values by a thin SVD.
+
+  The Gram route's float32 error grows like eps * cond^2 through the small
+  singular values only: the eigenvectors of eigenvalues within
+  GRAM_MAX_COND^2 of the largest, and a @ v / sqrt(w) for them, are as exact
+  as the Gram route on a well-conditioned matrix. Rounding mixes the
+  `split_size(n)` smallest eigenvectors with the others; their columns
+  a @ v are projected off the others' (which removes what the mix brought
+  in) and factored by an SVD of m x n / 4, which also applies the cutoff.
+  Square gradients, too ill conditioned for the Gram route, pass where at
+  most a quarter of their singular values lie below the largest /
+  GRAM_MAX_COND (a Gaussian square matrix has an eighth there). The flag
+  says whether they do.
+  """
+  rows, n = m.shape
+  k = split_size(n)
+  cutoff = svd_cutoff(rows, n, m.dtype, eps)
+  w, v = jnp.linalg.eigh(gram(m))
+  av = mm(m, v)
+  top = w[k:]
+  big = av[:, k:] * jax.lax.rsqrt(jnp.where(top > 0, top, 1.0))
+  small = av[:, :k] - mm(big, mm(mT(big), av[:, :k]))
+  u, s, vt = jnp.linalg.svd(small, full_matrices=False)
+  keep = s > cutoff * jnp.sqrt(w[-1])
+  q = mm(jnp.concatenate([mm(u * keep, vt), big], axis=-1), mT(v))
+  ok = ((w[k] * GRAM_MAX_COND**2 >= w[-1]) & (w[k] > jnp.square(cutoff) * w[-1])
+        & (w[-1] > 0))
+  return Factors(q, ok)
