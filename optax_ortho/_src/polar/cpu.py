@@ -225,22 +225,38 @@ def _repair(found: list[Factors], stacks: list[jax.Array], use_gram: list[jax.Ar
     by_rows.setdefault(_rows_bucket(a.shape[-2]), []).append(j)
   out: list = [None] * len(stacks)
   for idx in by_rows.values():
-    rows = max(stacks[j].shape[-2] for j in idx)
-    width = max(stacks[j].shape[-1] for j in idx)
-    a, finite = checks.lapack_input(stack_parts([
-        jnp.pad(stacks[j], ((0, 0), (0, rows - stacks[j].shape[-2]),
-                            (0, width - stacks[j].shape[-1]))) for j in idx]))
-    q_svd, ok_svd = _masked_loop(
-        lambda args: exact.svd_route_padded(*args),
-        ~jnp.concatenate([found[j].use_gram for j in idx]),
-        (unit_scale(a), jnp.concatenate([cutoffs[j] for j in idx]),
-         jnp.asarray(np.concatenate([cols[j] for j in idx]))))
-    sizes = [stacks[j].shape[0] for j in idx]
-    for j, qs, oks, fin in zip(idx, split_stack(q_svd, sizes), split_stack(ok_svd, sizes),
-                               split_stack(finite, sizes)):
-      q, ok = found[j]
-      q = jnp.where(ok[:, None, None], q, qs[:, :q.shape[-2], :q.shape[-1]])
-      out[j] = Factors(checks.poison(q, fin), jnp.where(fin, ok | oks, use_gram[j]))
+    # A model whose one low-rank layer always takes the SVD enters the
+    # repair at every step: the other call sites' padding, guards and loops
+    # are skipped unless one of their matrices needs them.
+    need = ~jnp.concatenate([found[j].use_gram for j in idx])
+    done = jax.lax.cond(
+        jnp.any(need), functools.partial(_repair_rows, cols=[cols[j] for j in idx]),
+        lambda found, *_: found, [found[j] for j in idx], [stacks[j] for j in idx],
+        [use_gram[j] for j in idx], [cutoffs[j] for j in idx])
+    for j, f in zip(idx, done):
+      out[j] = f
+  return out
+
+
+def _repair_rows(found: list[Factors], stacks: list[jax.Array], use_gram: list[jax.Array],
+                 cutoffs: list[jax.Array], cols: list[np.ndarray]) -> list[Factors]:
+  """`_repair` of the stacks of one call site."""
+  rows = max(a.shape[-2] for a in stacks)
+  width = max(a.shape[-1] for a in stacks)
+  a, finite = checks.lapack_input(stack_parts([
+      jnp.pad(x, ((0, 0), (0, rows - x.shape[-2]), (0, width - x.shape[-1])))
+      for x in stacks]))
+  q_svd, ok_svd = _masked_loop(
+      lambda args: exact.svd_route_padded(*args),
+      ~jnp.concatenate([f.use_gram for f in found]),
+      (unit_scale(a), jnp.concatenate(cutoffs), jnp.asarray(np.concatenate(cols))))
+  sizes = [x.shape[0] for x in stacks]
+  out = []
+  for (q, ok), qs, oks, fin, flags in zip(found, split_stack(q_svd, sizes),
+                                          split_stack(ok_svd, sizes),
+                                          split_stack(finite, sizes), use_gram):
+    q = jnp.where(ok[:, None, None], q, qs[:, :q.shape[-2], :q.shape[-1]])
+    out.append(Factors(checks.poison(q, fin), jnp.where(fin, ok | oks, flags)))
   return out
 
 
