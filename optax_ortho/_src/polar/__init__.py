@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from optax_ortho._src import checks
-from optax_ortho._src.polar.auto import GRAM_MIN_ASPECT
 from optax_ortho._src.polar.auto import auto_polar_groups
 from optax_ortho._src.polar.auto import auto_polar_stack
 from optax_ortho._src.polar.derivative import polar_jvp
+from optax_ortho._src.polar.exact import GRAM_MIN_ASPECT
 from optax_ortho._src.polar.exact import gram_polar
 from optax_ortho._src.polar.exact import noise_floor
 from optax_ortho._src.polar.exact import svd_polar

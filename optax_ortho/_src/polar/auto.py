@@ -32,11 +32,6 @@ from optax_ortho._src.polar.guard import default_eps
 from optax_ortho._src.stacks import split_stack
 from optax_ortho._src.stacks import stack_parts
 
-# `polar(method="auto")` only tries the Gram route on matrices at least this
-# tall; square-ish gradients are usually ill conditioned and would pay for the
-# Gram route and then the SVD.
-GRAM_MIN_ASPECT = 1.5
-
 
 def auto_polar_groups(groups: list[list[jax.Array]], use_gram: list[jax.Array],
                       eps: float | None = None) -> list[Factors]:

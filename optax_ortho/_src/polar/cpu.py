@@ -56,12 +56,6 @@ _MIN_WIDTH = 8
 # group are cheaper to leave where they lie.
 _MAX_PARTS = 8
 
-# Matrices less tall than this take `exact.split_route` instead of the Gram
-# route: a Gaussian matrix of aspect 1.5 has condition number 10 (the Gram
-# route's limit), a squarer one more, and the split route's SVD block costs
-# a tall matrix more than its Gram route does.
-_SPLIT_MAX_ASPECT = 1.5
-
 Groups = list[list[jax.Array]]
 
 
@@ -210,7 +204,7 @@ def _eigh_then_svd(a: jax.Array, use_gram: jax.Array, eps: float) -> Factors:
   the SVD's flag says whether that route would pass.
   """
   m, n = a.shape[-2:]
-  split = m < _SPLIT_MAX_ASPECT * n and exact.split_size(n) > 0
+  split = m < exact.GRAM_MIN_ASPECT * n and exact.split_size(n) > 0
   route: Callable[[jax.Array], Factors] = (
       functools.partial(exact.split_route, eps=eps) if split else exact.gram_route)
   svd = exact.split_svd_route if split else exact.svd_route

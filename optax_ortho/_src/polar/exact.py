@@ -23,6 +23,12 @@ from optax_ortho._src.stacks import mT
 # "auto" trusts the Gram route only where the matrix is this well conditioned:
 # its float32 error grows like eps * cond^2, and cond <= 10 keeps it near 1e-6.
 GRAM_MAX_COND = 10.0
+# The Gram route is tried only on matrices at least this tall (a Gaussian
+# matrix of aspect 1.5 has condition number about GRAM_MAX_COND, a squarer one
+# more): `polar(method="auto")` sends the others to the SVD, and the CPU route
+# of `orthonormalize` to `split_route`, whose SVD block would cost a tall
+# matrix more than its Gram route does.
+GRAM_MIN_ASPECT = 1.5
 
 
 def noise_floor(m: int, n: int, dtype) -> float:
