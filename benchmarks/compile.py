@@ -2,12 +2,14 @@
 
     python benchmarks/compile.py [--leaves 10 100 500 1000] [--shapes 10 50 100]
     python benchmarks/compile.py --leaves 1000 --shapes   # only the leaves curve
+    python benchmarks/compile.py --load 4   # with 4 busy processes
 
 Each configuration runs in a fresh interpreter, which first compiles the step
 of `optax.adam` (the baseline) and then each candidate on the same parameter
 tree: a tree of N same-shaped (8, 4) leaves, or of N leaves of distinct
 shapes. Reported per candidate: seconds to lower and compile the jitted step
-on CPU, seconds to export it for cuda (`jax.export`, lowering only), the
+on CPU, seconds to export it for cuda (`jax.export` of a new function: tracing
+and lowering, no compilation), the
 growth of the process's peak RSS during its compilation, and the ratio of the
 compile time to Adam's. Writes `benchmarks/compile.json` (or `--out`) and
 prints a Markdown table.
@@ -23,6 +25,8 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+
+from busy import busy_processes  # noqa: E402  (benchmarks/, the script's folder)
 
 CANDIDATES = ("adam", "orthogonal_sgd_auto", "orthogonal_sgd_svd")
 
@@ -47,18 +51,20 @@ out = {}
 for name in candidates:
   tx = make[name]()
   state = tx.init(params)
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
+  def make_step():  # a new function each time: nothing traced is reused
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    return step
   args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                       (params, state, params))
   before = rss()
   t0 = time.perf_counter()
-  jax.jit(step).lower(*args).compile()
+  jax.jit(make_step()).lower(*args).compile()
   cpu_s = time.perf_counter() - t0
   grown = rss() - before
   t0 = time.perf_counter()
-  jax.export.export(jax.jit(step), platforms=("cuda",))(*args).mlir_module()
+  jax.export.export(jax.jit(make_step()), platforms=("cuda",))(*args).mlir_module()
   cuda_s = time.perf_counter() - t0
   out[name] = {"compile_s": cpu_s, "cuda_export_s": cuda_s, "rss_growth_mb": grown,
                "peak_rss_mb": rss()}
@@ -85,21 +91,25 @@ def main() -> None:
   parser.add_argument("--shapes", type=int, nargs="*", default=[10, 50, 100])
   parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES[1:]))
   parser.add_argument("--timeout", type=float, default=1800.0)
+  parser.add_argument("--load", type=int, default=0,
+                      help="busy processes running beside the measurements")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "compile.json"))
   args = parser.parse_args()
   candidates = ["adam"] + [c for c in args.candidates if c != "adam"]
-  with open("/proc/loadavg") as f:
-    load_before = f.read().split()[:3]
   rows = []
-  for kind, counts in (("leaves", args.leaves), ("shapes", args.shapes)):
-    for count in counts:
-      res = run(kind, count, candidates, args.timeout)
-      rows.append({"kind": kind, "count": count, "results": res})
-      print(kind, count, json.dumps(res), flush=True)
-  with open("/proc/loadavg") as f:
-    load_after = f.read().split()[:3]
+  with busy_processes(args.load):
+    with open("/proc/loadavg") as f:
+      load_before = f.read().split()[:3]
+    for kind, counts in (("leaves", args.leaves), ("shapes", args.shapes)):
+      for count in counts:
+        res = run(kind, count, candidates, args.timeout)
+        rows.append({"kind": kind, "count": count, "results": res})
+        print(kind, count, json.dumps(res), flush=True)
+    with open("/proc/loadavg") as f:
+      load_after = f.read().split()[:3]
   meta = {"cpus": os.cpu_count(), "loadavg_before": load_before,
-          "loadavg_after": load_after, "candidates": candidates}
+          "loadavg_after": load_after, "candidates": candidates,
+          "busy_processes": args.load}
   with open(args.out, "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   print(f"\n{meta}\n")

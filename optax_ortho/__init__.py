@@ -26,7 +26,7 @@ from optax_ortho._src.stiefel import stiefel_sgd
 from optax_ortho._src.train_state import apply_gradients
 from optax_ortho._src.value_and_grads import value_and_grads
 
-__version__ = "0.2.1"
+__version__ = "0.2.2"
 
 __all__ = [
     "GalState",

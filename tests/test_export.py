@@ -240,3 +240,22 @@ def test_cayley_dense_blocked_inverse_exports(platform):
   if platform in GPUS:
     assert whiles == 0 and in_loop == 0, dict(calls)
     assert sum(n for c, n in calls.items() if "getrf" in c) >= 2, dict(calls)
+
+
+def test_many_distinct_narrow_shapes_share_padded_solver_calls_on_cuda():
+  # Eight narrow widths (more than `buckets.MAX_WIDTHS`): on a GPU, as on
+  # CPU, they are zero-padded into one stack per power of two of width (and
+  # of rows, above `buckets.SHARED_ROWS`), each with one batched eigh and one
+  # batched SVD, not one per shape.
+  shapes = {f"w{i}": (8 + 5 * i, 3 + 5 * i) for i in range(8)}  # widths 3..38
+  shapes["tall"] = (600, 5)
+  fn, args = _update(optax_ortho.orthonormalize("auto"), _spec(shapes))
+  calls, whiles, in_loop = structure(program(fn, *args, platform="cuda"))
+  svd = sum(v for k, v in calls.items() if SVD_CALL.search(k))
+  eigh = sum(v for k, v in calls.items() if EIGH_CALL.search(k))
+  stacks = len({(max(8, 1 << (n - 1).bit_length()), max(512, 1 << (m - 1).bit_length()))
+                for m, n in shapes.values()})
+  assert stacks == 5
+  assert stacks < len(shapes)
+  assert whiles == 0 and in_loop == 0
+  assert (svd, eigh) == (stacks, stacks), dict(calls)

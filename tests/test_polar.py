@@ -1,5 +1,7 @@
 """Properties of optax_ortho.polar for every method."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,9 @@ from hypothesis import strategies as st
 import optax_ortho
 from optax_ortho import testing
 from optax_ortho._src import polar as polar_lib
+from optax_ortho._src.polar import batched
 from optax_ortho._src.polar import cpu
+from optax_ortho._src.polar import exact
 from optax_ortho._src.polar import guard
 from optax_ortho._src.polar import iterations
 
@@ -178,11 +182,10 @@ def _general_route(parts, flags):
     "flag_off"])
 def test_auto_lean_route_equals_the_general_route(case):
   # On CPU a float32 group of at most 64 columns takes the checked Gram
-  # iteration (`cpu._iterate`): each
-  # part keeps its own buffer, G = a^T a of every part is stacked, and the
-  # guards (finite, scale) are read off G's diagonal. Whatever the input, it
-  # must give the factors and flags of the stacked route (stacked, zeroed,
-  # unit-scaled, SVD where the check fails).
+  # iteration (`cpu._iterate`): the parts are zero-padded into stacks, and
+  # the guards (finite, scale) are read off the Gram matrices' diagonals.
+  # Whatever the input, it must give the factors and flags of the stacked
+  # route (stacked, zeroed, unit-scaled, SVD where the check fails).
   n = 16
   mats = [_with_singular_values(48, np.geomspace(1, 1 / c, n), i)
           for i, c in enumerate((2.0, 5.0, 8.0, 3.0))]
@@ -433,6 +436,14 @@ def test_exact_gradient_equals_finite_differences(method, case):
     np.testing.assert_allclose(jnp.sum(jax.grad(loss)(jnp.asarray(a)) * d), fd, rtol=1e-5)
 
 
+def _iterate_alone(groups, flags):
+  # `cpu._iterate` on the groups' matrices, each zero-padded to the widest.
+  width = max(g[0].shape[-1] for g in groups)
+  stacks = [jnp.pad(g[0], ((0, 0), (0, 0), (0, width - g[0].shape[-1]))) for g in groups]
+  cols = [np.array([g[0].shape[-1]]) for g in groups]
+  return jax.jit(functools.partial(cpu._iterate, cols=cols))(stacks, flags)
+
+
 def test_auto_narrow_widths_share_a_padded_iteration():
   # Widths 5 and 7 iterate with 8, 9 and 13 with 16, their Gram matrices
   # padded with an identity block: the factors and flags are those each
@@ -449,14 +460,14 @@ def test_auto_narrow_widths_share_a_padded_iteration():
   np.testing.assert_array_equal([bool(f.use_gram[0]) for f in found],
                                 [True, False, True, True, True])
   # And the iteration itself accepts the padded well-conditioned ones.
-  widths8 = jax.jit(cpu._iterate)(groups[:3], flags[:3])
+  widths8 = _iterate_alone(groups[:3], flags[:3])
   np.testing.assert_array_equal([bool(f.use_gram[0]) for f in widths8], [True, False, True])
-  widths16 = jax.jit(cpu._iterate)(groups[3:], flags[3:])
+  widths16 = _iterate_alone(groups[3:], flags[3:])
   np.testing.assert_array_equal([bool(f.use_gram[0]) for f in widths16], [True, True])
 
 
 def test_auto_svd_fallback_of_distinct_shapes_shares_a_padded_call():
-  # Five narrow widths (more than `cpu._MAX_WIDTHS`) share a padded width of
+  # Five narrow widths (more than `buckets.MAX_WIDTHS`) share a padded width of
   # 8; their unflagged matrices of 20 to 30 rows take the SVD at one padded
   # call site (rows up to 32): the factors are each one's own pseudo-polar
   # factor, the flags read each one's own singular values.
@@ -474,3 +485,50 @@ def test_auto_svd_fallback_of_distinct_shapes_shares_a_padded_call():
                                 [False, True, False, True, True])
   text = jax.jit(polar_lib.auto_polar_groups).lower(*args).as_text()
   assert text.count("lapack_sgesdd") == 1, text.count("lapack_sgesdd")
+
+
+def test_auto_padded_stacks_keep_each_matrix_alone():
+  # Distinct narrow shapes share zero-padded stacks (more widths than
+  # `buckets.MAX_WIDTHS`, rows of one power of two, two parts in a group): a
+  # non-finite, a zero, a rank-deficient and an ill-conditioned matrix among
+  # them give each one's own factor and flag, as each has alone.
+  shapes = [(20, 5), (24, 7), (30, 6), (18, 4), (28, 8), (17, 3)]
+  mats = [_with_singular_values(m, np.geomspace(1, 1 / 3, n), 60 + i)
+          for i, (m, n) in enumerate(shapes)]
+  mats[1][2, 3] = np.nan
+  mats[2] = np.zeros_like(mats[2])
+  mats[3] = _with_singular_values(18, np.r_[1.0, 0.5, 0.0, 0.0], 70)
+  mats[4] = _with_singular_values(28, np.geomspace(1, 1 / 40, 8), 71)
+  groups = [[jnp.asarray(a)[None]] for a in mats]
+  groups[5] = [groups[5][0], -groups[5][0]]
+  flags = [jnp.array([True] * len(g)) for g in groups]
+  flags[4] = jnp.zeros(1, bool)
+  found = jax.jit(polar_lib.auto_polar_groups)(groups, flags)
+  for g, f, (q, ok) in zip(groups, flags, found):
+    alone = _jit_auto_parts(g, f)
+    for qi, qa in zip(q, alone.q):
+      np.testing.assert_allclose(qi, qa, atol=2e-6)
+    np.testing.assert_array_equal(ok, alone.use_gram)
+
+
+def test_gpu_padded_gram_route_is_each_matrix_own():
+  # On GPU and TPU, many distinct narrow shapes are zero-padded into stacks
+  # too (`batched.padded_gram_route`): the identity block in the padding's
+  # Gram matrix must leave each matrix's factor and the cond <= 10 check as
+  # they are unpadded. (One matrix per program: batched LAPACK on CPU.)
+  cases = {"well": _with_singular_values(20, np.geomspace(1, 1 / 3, 5), 80),
+           "one_column": _with_singular_values(9, np.r_[2.0], 81),
+           "cond40": _with_singular_values(28, np.geomspace(1, 1 / 40, 6), 82),
+           "rank2": _with_singular_values(18, np.r_[1.0, 0.5, 0.0, 0.0], 83),
+           "zero": np.zeros((12, 7), np.float32)}
+  width = 8
+  for name, a in cases.items():
+    m, n = a.shape
+    padded = jnp.pad(jnp.asarray(a), ((0, 32 - m), (0, width - n)))[None]
+    q, ok = jax.jit(functools.partial(batched.padded_gram_route, cols=np.array([n])))(padded)
+    ref_q, ref_ok = jax.jit(exact.gram_route)(jnp.asarray(a)[None])
+    assert bool(ok[0]) == bool(ref_ok[0]), name
+    np.testing.assert_array_equal(q[0, m:], 0.0)
+    np.testing.assert_allclose(q[0, :, n:], 0.0, atol=1e-6)
+    if ref_ok[0]:
+      np.testing.assert_allclose(q[0, :m, :n], polar_lib.polar(jnp.asarray(a)), atol=2e-6)

@@ -120,9 +120,9 @@ def _auto_factors(parts, use_gram, eps, parallel, mesh):
         [stack_parts(p) for p in parts], "auto", eps=eps, ns_steps=1, mesh=mesh,
         use_gram=use_gram)
     return [split_stack(q, [x.shape[0] for x in p]) for q, p in zip(qs, parts)], use_gram
-  # The parts themselves, not their stack: the usual CPU route only stacks
-  # their small Gram matrices. ("layers" on one device is this replicated
-  # computation, exactly.)
+  # The parts themselves, not their stack: the CPU route stacks them as its
+  # routes need (narrow ones zero-padded). ("layers" on one device is this
+  # replicated computation, exactly.)
   found = polar_lib.auto_polar_groups(parts, use_gram, eps) if parts else []
   return [f.q for f in found], [f.use_gram for f in found]
 

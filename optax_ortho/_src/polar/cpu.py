@@ -6,10 +6,11 @@ every decomposition here runs on ONE matrix (`checks.lapack_map`: unbatched
 calls, unrolled so that XLA runs independent ones concurrently).
 
 Float32 matrices of at most `ITER_MAX_N` columns take the checked Gram
-iteration (matrix products only, no LAPACK) without being stacked: each part
-is read only in its Gram matrix G = a^T a and written only in a @ P, and the
-small Gram matrices of every group of one width share one iteration. The
-guard a LAPACK call needs is read off G (an Inf or NaN in `a`, or an
+iteration (matrix products only, no LAPACK): they are zero-padded into one
+stack per width and power of two of rows (`buckets`), so that the program
+holds a few ops per stack instead of per distinct shape, and the Gram
+matrices of every stack of one width share one iteration. The guard the
+iteration needs is read off G = a^T a (an Inf or NaN in `a`, or an
 overflow, puts one on G's diagonal). Wider and float64 matrices take one
 `eigh` per flagged matrix (square-ish ones `exact.split_route`). Either way
 the matrices whose check fails, and those not flagged, take the SVD.
@@ -22,14 +23,15 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_ortho._src import checks
+from optax_ortho._src.polar import buckets
 from optax_ortho._src.polar import exact
 from optax_ortho._src.polar.guard import Factors
 from optax_ortho._src.polar.guard import guarded_auto
 from optax_ortho._src.polar.guard import no_factors
 from optax_ortho._src.polar.guard import unit_scale
-from optax_ortho._src.polar.iterations import ITER_MAX_N
 from optax_ortho._src.polar.iterations import gram_factor
 from optax_ortho._src.stacks import gram
 from optax_ortho._src.stacks import mm
@@ -42,14 +44,6 @@ from optax_ortho._src.stacks import stack_parts
 # (entries below 2^-60 |G| are rounding noise there anyway).
 _CLEAN_RANGE = (2.0**-60, 2.0**120)
 
-# With more distinct narrow widths than `_MAX_WIDTHS`, they share an
-# iteration per power of two from `_MIN_WIDTH` up, their Gram matrices padded
-# (`_padded`): one iteration's products cost XLA:CPU about a second of
-# compile time, so a model of many distinct shapes would otherwise compile
-# for minutes. With few, each width keeps its own, so that a low-rank layer
-# (always on the SVD) sends no other width to the repair.
-_MAX_WIDTHS = 4
-_MIN_WIDTH = 8
 # A group of more parts than this is stacked first: one product over the
 # stack compiles in a fraction of the time of one product per part (models
 # of hundreds of same-shaped layers), while the few big parts of a usual
@@ -72,128 +66,131 @@ def route_groups(groups: Groups, use_gram: list[jax.Array],
 def _route_groups(groups: Groups, use_gram: list[jax.Array],
                   eps: list[float]) -> list[Factors]:
   out: list = [None] * len(groups)
-  narrow = {i for i, parts in enumerate(groups)
-            if parts[0].shape[-1] <= ITER_MAX_N and parts[0].dtype == jnp.float32}
-  pad = len({groups[i][0].shape[-1] for i in narrow}) > _MAX_WIDTHS
-  widths: dict[int, list[int]] = {}
+  widths, _ = buckets.narrow_widths(groups)
+  narrow = {i for idx in widths.values() for i in idx}
   for i, parts in enumerate(groups):
-    n = parts[0].shape[-1]
-    if i in narrow:
-      widths.setdefault(max(_MIN_WIDTH, 1 << (n - 1).bit_length()) if pad else n,
-                        []).append(i)
-    else:
+    if i not in narrow:
       out[i] = _stacked(parts, use_gram[i], eps[i])
-  for idx in widths.values():
-    done = _narrow([groups[i] for i in idx], [use_gram[i] for i in idx],
-                   [eps[i] for i in idx])
-    for i, r in zip(idx, done):
+  if widths:
+    for i, r in _narrow(groups, use_gram, eps, list(widths.values())).items():
       out[i] = r
   return out
 
 
-def _narrow(groups: Groups, use_gram: list[jax.Array], eps: list[float]) -> list[Factors]:
-  """The groups of one padded width: the iteration if any matrix is flagged, then the
-  SVD for those it did not bring home (one SVD call site per group, whatever
-  the flags: each costs XLA as much compile time as a branch of products)."""
-  flags = jnp.concatenate(use_gram)
-  found = jax.lax.cond(jnp.any(flags), _iterate, _unflagged, groups, use_gram)
-  ok = jnp.concatenate([f.use_gram for f in found])
-  return jax.lax.cond(jnp.all(ok), lambda found, *_: found,
-                      functools.partial(_repair, eps=eps), found, groups, use_gram)
+def _narrow(groups: Groups, use_gram: list[jax.Array], eps: list[float],
+            widths: list[list[int]]) -> dict[int, Factors]:
+  """The narrow groups, `widths` the indices of those of each padded width:
+  the iteration of each width if any of its matrices is flagged, then the
+  SVD for those it did not bring home.
+
+  The parts are zero-padded into stacks first (`buckets`), so that every
+  later step runs once per stack: per part there is only the pad before and
+  the slice after.
+  """
+  out: dict[int, Factors] = {}
+  for idx in widths:
+    width = max(groups[i][0].shape[-1] for i in idx)
+    members = buckets.by_rows(groups, idx)
+    stacks = [buckets.bucket([groups[i] for i in b], [use_gram[i] for i in b],
+                             [eps[i] for i in b], width) for b in members]
+    found = jax.lax.cond(jnp.any(jnp.concatenate([b.use_gram for b in stacks])),
+                         functools.partial(_iterate, cols=[b.cols for b in stacks]),
+                         _unflagged, [b.stack for b in stacks], [b.use_gram for b in stacks])
+    # One repair for the width, entered only when some matrix needs it. Per
+    # width, not for all at once: on a mesh, a stack of layers of several
+    # widths would lend its sharding to the factors of each.
+    found = jax.lax.cond(
+        jnp.all(jnp.concatenate([f.use_gram for f in found])), lambda found, *_: found,
+        functools.partial(_repair, cols=[b.cols for b in stacks]), found,
+        [b.stack for b in stacks], [b.use_gram for b in stacks],
+        [b.cutoff for b in stacks])
+    for b, f in zip(members, found):
+      out.update(zip(b, buckets.unbucket(f, [groups[i] for i in b])))
+  return out
 
 
-def _unflagged(groups: Groups, use_gram: list[jax.Array]) -> list[Factors]:
-  return [Factors([jnp.zeros_like(x) for x in grp], jnp.zeros_like(f))
-          for grp, f in zip(groups, use_gram)]
+def _unflagged(stacks: list[jax.Array], use_gram: list[jax.Array]) -> list[Factors]:
+  return [Factors(jnp.zeros_like(a), jnp.zeros_like(f)) for a, f in zip(stacks, use_gram)]
 
 
-def _iterate(groups: Groups, use_gram: list[jax.Array]) -> list[Factors]:
+def _iterate(stacks: list[jax.Array], use_gram: list[jax.Array],
+             cols: list[np.ndarray]) -> list[Factors]:
   """The checked Gram iteration of every matrix of one padded width, in one batch.
 
   The iteration runs whatever the flags and guards say (products only: no
   input can hang it); a matrix not flagged, not finite or out of range
-  comes out not ok. A Gram matrix narrower than the others is padded with
-  an identity block (each scaled to a largest diagonal entry of one):
-  polynomials of a block-diagonal matrix are block-diagonal, so its own
-  block of P is its factor, and the padding's eigenvalues, equal to the
-  largest possible, converge with the rest and leave the check as strict.
+  comes out not ok. The Gram matrix of a matrix narrower than the stack
+  (`cols`) gets an identity block in its zero padding (each scaled to a
+  largest diagonal entry of one): polynomials of a block-diagonal matrix
+  are block-diagonal, so its own block of P is its factor, and the
+  padding's eigenvalues, equal to the largest possible, converge with the
+  rest and leave the check as strict.
   """
-  parts = [x for grp in groups for x in grp]
-  grams = [gram(x) for x in parts]
-  width = max(g.shape[-1] for g in grams)
-  d = stack_parts([jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1) for g in grams])
+  g = stack_parts([gram(a) for a in stacks])
+  width = g.shape[-1]
+  d = jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1)
   lo, hi = _CLEAN_RANGE
   clean = jnp.concatenate(use_gram) & (d >= lo) & (d <= hi)  # False on NaN
   scale = jnp.where(clean, d, jnp.ones((), d.dtype))[:, None, None]
-  sizes = [x.shape[0] for x in parts]
-  g = stack_parts([_padded(gi / si, width)
-                   for gi, si in zip(grams, split_stack(scale, sizes))])
+  g = g / scale
+  eye = buckets.identity_padding(np.concatenate(cols), width, g.dtype)
+  if eye is not None:
+    g = g + eye
   p, ok = gram_factor(g)
   ok = clean & ok
-  factor = iter(split_stack(p * jax.lax.rsqrt(scale), sizes))
-  q = [[mm(x, next(factor)[:, :x.shape[-1], :x.shape[-1]]) for x in grp] for grp in groups]
-  oks = split_stack(ok, [sum(x.shape[0] for x in grp) for grp in groups])
-  return [Factors(qi, oki) for qi, oki in zip(q, oks)]
+  sizes = [a.shape[0] for a in stacks]
+  factor = split_stack(p * jax.lax.rsqrt(scale), sizes)
+  return [Factors(mm(a, pi), oki)
+          for a, pi, oki in zip(stacks, factor, split_stack(ok, sizes))]
 
 
-def _padded(g: jax.Array, width: int) -> jax.Array:
-  """The (b, n, n) stack `g` as (b, width, width), identity in the new block."""
-  extra = width - g.shape[-1]
-  if not extra:
-    return g
-  eye = jnp.diag(jnp.concatenate([jnp.zeros(g.shape[-1], g.dtype), jnp.ones(extra, g.dtype)]))
-  return jnp.pad(g, ((0, 0), (0, extra), (0, extra))) + eye
+def _repair(found: list[Factors], stacks: list[jax.Array], use_gram: list[jax.Array],
+            cutoffs: list[jax.Array], cols: list[np.ndarray]) -> list[Factors]:
+  """The SVD (guarded) for every matrix the iteration did not bring home.
 
-
-def _repair(found: list[Factors], groups: Groups, use_gram: list[jax.Array],
-            eps: list[float]) -> list[Factors]:
-  """The SVD (guarded) for every matrix the iteration did not bring home."""
-  guarded = [checks.lapack_input(stack_parts(parts)) for parts in groups]
-  svd = _svd_where([unit_scale(a) for a, _ in guarded], [~f.use_gram for f in found], eps)
-  out = []
-  for (q, ok), (q_svd, ok_svd), (_, finite), parts, f in zip(
-      found, svd, guarded, groups, use_gram):
-    q = checks.poison(jnp.where(ok[:, None, None], stack_parts(q), q_svd), finite)
-    out.append(Factors(split_stack(q, [x.shape[0] for x in parts]),
-                       jnp.where(finite, ok | ok_svd, f)))
+  The stacks of at most `buckets.SHARED_ROWS` rows share one call site, and
+  the taller ones whose rows round up to the same power of two another, each
+  matrix zero-padded to their most rows and columns
+  (`exact.svd_route_padded`: the padding's zero singular values are dropped
+  by the cutoff).
+  """
+  by_rows: dict[int, list[int]] = {}
+  for j, a in enumerate(stacks):
+    by_rows.setdefault(buckets.rows_bucket(a.shape[-2], buckets.SHARED_ROWS), []).append(j)
+  out: list = [None] * len(stacks)
+  for idx in by_rows.values():
+    # A model whose one low-rank layer always takes the SVD enters the
+    # repair at every step: the other call sites' padding, guards and loops
+    # are skipped unless one of their matrices needs them.
+    need = ~jnp.concatenate([found[j].use_gram for j in idx])
+    done = jax.lax.cond(
+        jnp.any(need), functools.partial(_repair_rows, cols=[cols[j] for j in idx]),
+        lambda found, *_: found, [found[j] for j in idx], [stacks[j] for j in idx],
+        [use_gram[j] for j in idx], [cutoffs[j] for j in idx])
+    for j, f in zip(idx, done):
+      out[j] = f
   return out
 
 
-def _svd_where(stacks: list[jax.Array], masks: list[jax.Array],
-               eps: list[float]) -> list[Factors]:
-  """`exact.svd_route` of the matrices of the stacks whose mask is set.
-
-  Stacks whose rows round up to the same power of two share one call site,
-  each zero-padded to the largest (`exact.svd_route_padded`): every call
-  site costs XLA:CPU about as much compile time as a branch of products,
-  and a model of many distinct shapes would otherwise have one per shape.
-  """
-  by_rows: dict[int, list[int]] = {}
-  for i, a in enumerate(stacks):
-    by_rows.setdefault(1 << (a.shape[-2] - 1).bit_length(), []).append(i)
-  out: list = [None] * len(stacks)
-  for idx in by_rows.values():
-    if len(idx) == 1:
-      i = idx[0]
-      out[i] = _masked_map(functools.partial(exact.svd_route, eps=eps[i]), masks[i],
-                           stacks[i])
-      continue
-    rows = max(stacks[i].shape[-2] for i in idx)
-    cols = max(stacks[i].shape[-1] for i in idx)
-    padded = stack_parts([jnp.pad(stacks[i], ((0, 0), (0, rows - stacks[i].shape[-2]),
-                                              (0, cols - stacks[i].shape[-1])))
-                          for i in idx])
-    cutoff = jnp.concatenate([
-        jnp.full(stacks[i].shape[:1], exact.svd_cutoff(
-            stacks[i].shape[-2], stacks[i].shape[-1], stacks[i].dtype, eps[i]), stacks[i].dtype)
-        for i in idx])
-    ncols = jnp.concatenate([jnp.full(stacks[i].shape[:1], stacks[i].shape[-1], jnp.int32)
-                             for i in idx])
-    q, ok = _masked_map(lambda args: exact.svd_route_padded(*args),
-                        jnp.concatenate([masks[i] for i in idx]), (padded, cutoff, ncols))
-    sizes = [stacks[i].shape[0] for i in idx]
-    for i, qi, oki in zip(idx, split_stack(q, sizes), split_stack(ok, sizes)):
-      out[i] = Factors(qi[:, :stacks[i].shape[-2], :stacks[i].shape[-1]], oki)
+def _repair_rows(found: list[Factors], stacks: list[jax.Array], use_gram: list[jax.Array],
+                 cutoffs: list[jax.Array], cols: list[np.ndarray]) -> list[Factors]:
+  """`_repair` of the stacks of one call site."""
+  rows = max(a.shape[-2] for a in stacks)
+  width = max(a.shape[-1] for a in stacks)
+  a, finite = checks.lapack_input(stack_parts([
+      jnp.pad(x, ((0, 0), (0, rows - x.shape[-2]), (0, width - x.shape[-1])))
+      for x in stacks]))
+  q_svd, ok_svd = _masked_loop(
+      lambda args: exact.svd_route_padded(*args),
+      ~jnp.concatenate([f.use_gram for f in found]),
+      (unit_scale(a), jnp.concatenate(cutoffs), jnp.asarray(np.concatenate(cols))))
+  sizes = [x.shape[0] for x in stacks]
+  out = []
+  for (q, ok), qs, oks, fin, flags in zip(found, split_stack(q_svd, sizes),
+                                          split_stack(ok_svd, sizes),
+                                          split_stack(finite, sizes), use_gram):
+    q = jnp.where(ok[:, None, None], q, qs[:, :q.shape[-2], :q.shape[-1]])
+    out.append(Factors(checks.poison(q, fin), jnp.where(fin, ok | oks, flags)))
   return out
 
 
@@ -224,6 +221,22 @@ def _split(factors: Factors, parts: list[jax.Array]) -> Factors:
 def _call_if(fn, args):
   x, flag = args
   return jax.lax.cond(flag, fn, lambda x: no_factors(jax.tree.leaves(x)[0]), x)
+
+
+def _masked_loop(fn, mask: jax.Array, a) -> Factors:
+  """`_masked_map`, with the calls of a stack of more than one matrix in a
+  loop: one call site, whatever the stack's length.
+
+  For the SVD of narrow matrices that the iteration did not bring home:
+  these calls are short and few, while XLA:CPU compiles every unrolled call
+  anew (a model of many distinct shapes would pay for each of its matrices).
+  """
+  stack = jax.tree.leaves(a)[0]
+  if stack.shape[0] == 1:
+    return _masked_map(fn, mask, a)
+  return Factors(*jax.lax.cond(
+      jnp.any(mask), lambda a, mask: jax.lax.map(functools.partial(_call_if, fn), (a, mask)),
+      lambda a, mask: no_factors(stack), a, mask))
 
 
 def _masked_map(fn, mask: jax.Array, a) -> Factors:

@@ -110,7 +110,13 @@ def gram_polar(a: jax.Array, eps: float) -> jax.Array:
 def gram_route(a: jax.Array) -> Factors:
   """Polar factors of a stack from `eigh` of its Gram matrices (one solver
   call for the stack), and whether each is exact enough (cond <= 10)."""
-  w, v = jnp.linalg.eigh(gram(a))
+  return gram_route_of(a, gram(a))
+
+
+def gram_route_of(a: jax.Array, g: jax.Array) -> Factors:
+  """`gram_route` from the Gram matrices `g` of `a` (or ones padded past its
+  columns)."""
+  w, v = jnp.linalg.eigh(g)
   ok = (w[..., 0] * GRAM_MAX_COND**2 >= w[..., -1]) & (w[..., -1] > 0)
   return Factors(gram_from_eig(a, w, v, 0.0), ok)
 

@@ -61,7 +61,7 @@ def guarded(route: Callable[[jax.Array], jax.Array], a: jax.Array) -> jax.Array:
 
 
 def guarded_auto(route: Callable[..., Factors], a: jax.Array,
-                 use_gram: jax.Array, eps: float) -> Factors:
+                 use_gram: jax.Array, eps: float | jax.Array) -> Factors:
   """`guarded` for a route of `"auto"`: a non-finite matrix keeps its flag."""
   a, finite = checks.lapack_input(a)
   q, ok = route(unit_scale(a), use_gram, eps)
