@@ -13,6 +13,7 @@ routes, not a hundred. The flags decide per stack: one matrix not flagged
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +36,9 @@ def route_groups(groups: list[list[jax.Array]], use_gram: list[jax.Array],
   widths, padded = buckets.narrow_widths(groups)
   if padded:
     for idx in widths.values():
-      width = max(groups[i][0].shape[-1] for i in idx)
-      for members in buckets.by_rows(groups, idx, buckets.SHARED_ROWS):
-        b = buckets.bucket([groups[i] for i in members], [use_gram[i] for i in members],
-                           [eps[i] for i in members], width)
-        found = guarded_auto(functools.partial(_padded_route, cols=b.cols), b.stack,
+      for members, b in zip(*buckets.of_width(groups, use_gram, eps, idx,
+                                              buckets.SHARED_ROWS)):
+        found = guarded_auto(functools.partial(_route, cols=b.cols), b.stack,
                              b.use_gram, b.cutoff)
         for i, factors in zip(members, buckets.unbucket(found, [groups[i] for i in members])):
           out[i] = factors
@@ -50,14 +49,22 @@ def route_groups(groups: list[list[jax.Array]], use_gram: list[jax.Array],
   return out
 
 
-def _svd_stack(a: jax.Array, eps: float) -> Factors:
-  return Factors(*jax.vmap(functools.partial(exact.svd_route, eps=eps))(a))
-
-
-def _route(a: jax.Array, use_gram: jax.Array, eps: float) -> Factors:
-  q, ok = jax.lax.cond(jnp.all(use_gram), exact.gram_route, no_factors, a)
-  q_svd, ok_svd = jax.lax.cond(
-      jnp.all(ok), no_factors, functools.partial(_svd_stack, eps=eps), a)
+def _route(a: jax.Array, use_gram: jax.Array, eps: float | jax.Array,
+           cols: np.ndarray | None = None) -> Factors:
+  """The batched Gram route if every matrix is flagged, then the batched SVD
+  unless every one passed. A stack zero-padded from `cols` columns
+  (`buckets`) takes `padded_gram_route`, and `eps` is then each matrix's
+  cutoff."""
+  gram_route: Callable[[jax.Array], Factors]
+  svd: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+  if cols is None:
+    gram_route = exact.gram_route
+    svd = jax.vmap(functools.partial(exact.svd_route, eps=eps))
+  else:
+    gram_route = functools.partial(padded_gram_route, cols=cols)
+    svd = functools.partial(jax.vmap(exact.svd_route_padded), cutoff=eps, n=jnp.asarray(cols))
+  q, ok = jax.lax.cond(jnp.all(use_gram), gram_route, no_factors, a)
+  q_svd, ok_svd = jax.lax.cond(jnp.all(ok), no_factors, lambda a: Factors(*svd(a)), a)
   return Factors(jnp.where(ok[:, None, None], q, q_svd), ok | ok_svd)
 
 
@@ -75,13 +82,3 @@ def padded_gram_route(a: jax.Array, cols: np.ndarray) -> Factors:
     d = jnp.max(jnp.diagonal(g, axis1=-2, axis2=-1), axis=-1)
     g = g + eye * jnp.where(d > 0, d, jnp.ones((), d.dtype))[:, None, None]
   return exact.gram_route_of(a, g)
-
-
-def _padded_route(a: jax.Array, use_gram: jax.Array, cutoff: jax.Array,
-                  cols: np.ndarray) -> Factors:
-  q, ok = jax.lax.cond(jnp.all(use_gram), functools.partial(padded_gram_route, cols=cols),
-                       no_factors, a)
-  q_svd, ok_svd = jax.lax.cond(
-      jnp.all(ok), no_factors,
-      lambda a: Factors(*jax.vmap(exact.svd_route_padded)(a, cutoff, jnp.asarray(cols))), a)
-  return Factors(jnp.where(ok[:, None, None], q, q_svd), ok | ok_svd)

@@ -19,6 +19,7 @@ result is its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -65,11 +66,11 @@ def rows_bucket(rows: int, shared: int = 1) -> int:
   return max(shared, 1 << (rows - 1).bit_length())
 
 
-def by_rows(groups: Groups, idx: list[int], shared: int = 1) -> list[list[int]]:
-  """The groups `idx` (of one width) by `rows_bucket` of their rows."""
+def by_rows(keys: Sequence[int], rows: Sequence[int], shared: int = 1) -> list[list[int]]:
+  """`keys` grouped by `rows_bucket` of their `rows`."""
   out: dict[int, list[int]] = {}
-  for i in idx:
-    out.setdefault(rows_bucket(groups[i][0].shape[-2], shared), []).append(i)
+  for key, r in zip(keys, rows):
+    out.setdefault(rows_bucket(r, shared), []).append(key)
   return list(out.values())
 
 
@@ -95,6 +96,16 @@ def bucket(groups: Groups, use_gram: list[jax.Array], eps: list[float],
       for grp, e in zip(groups, eps) for x in grp])
   cols = np.concatenate([np.full(x.shape[0], x.shape[-1], np.int32) for x in parts])
   return Bucket(stack, jnp.concatenate(use_gram), cutoff, cols)
+
+
+def of_width(groups: Groups, use_gram: list[jax.Array], eps: list[float], idx: list[int],
+             shared: int = 1) -> tuple[list[list[int]], list[Bucket]]:
+  """The groups `idx` of one (padded) width as buckets by rows (`by_rows`):
+  each bucket's group indices, and the bucket."""
+  width = max(groups[i][0].shape[-1] for i in idx)
+  members = by_rows(idx, [groups[i][0].shape[-2] for i in idx], shared)
+  return members, [bucket([groups[i] for i in b], [use_gram[i] for i in b],
+                          [eps[i] for i in b], width) for b in members]
 
 
 def unbucket(found: Factors, groups: Groups) -> list[Factors]:

@@ -89,10 +89,7 @@ def _narrow(groups: Groups, use_gram: list[jax.Array], eps: list[float],
   """
   out: dict[int, Factors] = {}
   for idx in widths:
-    width = max(groups[i][0].shape[-1] for i in idx)
-    members = buckets.by_rows(groups, idx)
-    stacks = [buckets.bucket([groups[i] for i in b], [use_gram[i] for i in b],
-                             [eps[i] for i in b], width) for b in members]
+    members, stacks = buckets.of_width(groups, use_gram, eps, idx)
     found = jax.lax.cond(jnp.any(jnp.concatenate([b.use_gram for b in stacks])),
                          functools.partial(_iterate, cols=[b.cols for b in stacks]),
                          _unflagged, [b.stack for b in stacks], [b.use_gram for b in stacks])
@@ -148,17 +145,14 @@ def _repair(found: list[Factors], stacks: list[jax.Array], use_gram: list[jax.Ar
             cutoffs: list[jax.Array], cols: list[np.ndarray]) -> list[Factors]:
   """The SVD (guarded) for every matrix the iteration did not bring home.
 
-  The stacks of at most `buckets.SHARED_ROWS` rows share one call site, and
-  the taller ones whose rows round up to the same power of two another, each
-  matrix zero-padded to their most rows and columns
-  (`exact.svd_route_padded`: the padding's zero singular values are dropped
-  by the cutoff).
+  The stacks (all of one width) of at most `buckets.SHARED_ROWS` rows share
+  one call site, and the taller ones whose rows round up to the same power
+  of two another, each matrix zero-padded to their most rows
+  (`exact.svd_route_padded` cuts off the padding's zero singular values).
   """
-  by_rows: dict[int, list[int]] = {}
-  for j, a in enumerate(stacks):
-    by_rows.setdefault(buckets.rows_bucket(a.shape[-2], buckets.SHARED_ROWS), []).append(j)
   out: list = [None] * len(stacks)
-  for idx in by_rows.values():
+  for idx in buckets.by_rows(range(len(stacks)), [a.shape[-2] for a in stacks],
+                             buckets.SHARED_ROWS):
     # A model whose one low-rank layer always takes the SVD enters the
     # repair at every step: the other call sites' padding, guards and loops
     # are skipped unless one of their matrices needs them.
@@ -176,10 +170,8 @@ def _repair_rows(found: list[Factors], stacks: list[jax.Array], use_gram: list[j
                  cutoffs: list[jax.Array], cols: list[np.ndarray]) -> list[Factors]:
   """`_repair` of the stacks of one call site."""
   rows = max(a.shape[-2] for a in stacks)
-  width = max(a.shape[-1] for a in stacks)
   a, finite = checks.lapack_input(stack_parts([
-      jnp.pad(x, ((0, 0), (0, rows - x.shape[-2]), (0, width - x.shape[-1])))
-      for x in stacks]))
+      jnp.pad(x, ((0, 0), (0, rows - x.shape[-2]), (0, 0))) for x in stacks]))
   q_svd, ok_svd = _masked_loop(
       lambda args: exact.svd_route_padded(*args),
       ~jnp.concatenate([f.use_gram for f in found]),

@@ -65,7 +65,7 @@ def svd_route_padded(x: jax.Array, cutoff: jax.Array | float,
   return Factors(mm(u * keep, vt), (s[n - 1] * GRAM_MAX_COND >= s[0]) & (s[0] > 0))
 
 
-def svd_route(m: jax.Array, eps: float) -> Factors:
+def svd_route(m: jax.Array, eps: float | jax.Array) -> Factors:
   """Exact polar factor of one matrix by SVD, and whether the Gram route would do."""
   return svd_route_padded(m, svd_cutoff(m.shape[0], m.shape[1], m.dtype, eps),
                           m.shape[1])
